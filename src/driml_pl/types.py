@@ -1,0 +1,45 @@
+"""Named batch types passed between the data stream and the LightningModule."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import numpy as np
+from torch import Tensor
+
+
+class RolloutStats(NamedTuple):
+    """What the actors did up to the moment a batch was drawn (this rank only; scalars)."""
+
+    env_steps: int  # env steps on this rank (multiply by world size for the global count)
+    episodes: int  # episodes finished on this rank
+    episode_return: float  # mean return of the recent finished episodes, nan before the first one
+    episode_length: float  # mean length of the same episodes, nan before the first one
+    epsilon: float  # exploration rate used for the last env step
+
+
+class Batch(NamedTuple):
+    """One replayed minibatch. Frames stay uint8 HWC until the module preprocesses them on the device.
+
+    Shapes (B = batch size, S = frame stack):
+        obs, next_obs, positive_obs: (B, S, 64, 64, 3) uint8 -- s_t, s_{t+n} (bootstrap), s_{t+k} (InfoNCE positive)
+        action: (B,) int64 -- a_t
+        returns: (B,) float32 -- n-step discounted return, truncated at a terminal
+        discount: (B,) float32 -- gamma**n * (1 - done within the n steps)
+        k: (B,) int64 -- the effective horizon of each positive (after truncation at an episode end)
+    """
+
+    obs: Tensor
+    action: Tensor
+    returns: Tensor
+    discount: Tensor
+    next_obs: Tensor
+    positive_obs: Tensor
+    k: Tensor
+    stats: RolloutStats
+
+
+class GreedyPolicy(Protocol):
+    """Maps a batch of uint8 frame stacks (N, S, 64, 64, 3) to greedy actions (N,)."""
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray: ...
