@@ -1,0 +1,98 @@
+"""The DIM critic (spec §2.3-2.5): action-conditioned anchor heads, candidate heads, and the four InfoNCE terms.
+
+Term names read (s_t side)(s_{t+k} side): ``lg`` scores local(s_t, a_t) against global(s_{t+k}). Local terms run one
+InfoNCE per spatial position, with candidates taken at the same position in the other batch elements; the global
+side of a mixed term is broadcast to every position. GG is computed once (the released code repeats it 54 times).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from driml_pl.losses import infonce_loss, soft_clip
+from driml_pl.networks import ActionEncoder, Features, ResidualMLP
+
+TERMS: tuple[str, ...] = ("ll", "lg", "gl", "gg")
+
+
+class DIMCritic(nn.Module):
+    """Anchor heads Psi (with the action embedding) and candidate heads Phi, one pair per term with lambda != 0.
+
+    Args:
+        terms: the terms to build (those with a non-zero lambda).
+        local_channels: channels of the local features (64).
+        global_dim: width of the global features (512).
+        num_actions: size of the one-hot action (15).
+        action_dim: action embedding width (64).
+        rkhs_dim: projection width (512).
+        clip: soft-clip cap for the scores (20).
+    """
+
+    def __init__(
+        self,
+        terms: tuple[str, ...],
+        local_channels: int = 64,
+        global_dim: int = 512,
+        num_actions: int = 15,
+        action_dim: int = 64,
+        rkhs_dim: int = 512,
+        clip: float = 20.0,
+    ) -> None:
+        super().__init__()
+        unknown = set(terms) - set(TERMS)
+        if unknown:
+            raise ValueError(f"unknown DIM terms {sorted(unknown)}; valid: {', '.join(TERMS)}")
+        self.terms = tuple(t for t in TERMS if t in terms)
+        self.rkhs_dim, self.clip = rkhs_dim, clip
+        self.action_encoder = ActionEncoder(num_actions, action_dim) if self.terms else None
+        in_dim = {"l": local_channels, "g": global_dim}
+        self.anchor_heads = nn.ModuleDict(
+            {t: ResidualMLP(in_dim[t[0]] + action_dim, rkhs_dim, spatial=t[0] == "l") for t in self.terms}
+        )
+        self.candidate_heads = nn.ModuleDict(
+            {t: ResidualMLP(in_dim[t[1]], rkhs_dim, spatial=t[1] == "l") for t in self.terms}
+        )
+
+    def scores(self, anchor: Features, actions: Tensor, candidate: Features) -> dict[str, Tensor]:
+        """Score matrices per term, soft-clipped: (P, B, B) for terms with a local side, (B, B) for GG.
+
+        Shape:
+            anchor, candidate: Features of s_t and s_{t+k} (local (B, C, H, W), global (B, D)); actions: (B,).
+        """
+        if self.action_encoder is None:
+            return {}
+        emb = self.action_encoder(actions)  # (B, A)
+        h, w = anchor.local.shape[-2:]
+        inputs = {
+            "l": torch.cat([anchor.local, emb[:, :, None, None].expand(-1, -1, h, w)], dim=1),
+            "g": torch.cat([anchor.global_, emb], dim=1),
+        }
+        targets = {"l": candidate.local, "g": candidate.global_}
+        out = {}
+        for term in self.terms:
+            u = self.anchor_heads[term](inputs[term[0]])
+            v = self.candidate_heads[term](targets[term[1]])
+            out[term] = soft_clip(pairwise_scores(u, v) / math.sqrt(self.rkhs_dim), self.clip)
+        return out
+
+    def forward(self, anchor: Features, actions: Tensor, candidate: Features) -> dict[str, Tensor]:
+        """InfoNCE loss per term (scalars)."""
+        return {t: infonce_loss(s) for t, s in self.scores(anchor, actions, candidate).items()}
+
+
+def pairwise_scores(u: Tensor, v: Tensor) -> Tensor:
+    """Dot products of every anchor with every candidate, per position when either side is spatial.
+
+    Shape:
+        u, v: (B, D) or (B, D, H, W). Returns: (B, B) when both are vectors, else (H*W, B, B).
+    """
+    if u.dim() == 2 and v.dim() == 2:
+        return u @ v.t()
+    if u.dim() == 4 and v.dim() == 4:
+        return torch.einsum("idp,jdp->pij", u.flatten(2), v.flatten(2))
+    if u.dim() == 4:
+        return torch.einsum("idp,jd->pij", u.flatten(2), v)
+    return torch.einsum("id,jdp->pij", u, v.flatten(2))

@@ -1,0 +1,186 @@
+"""The DRIML LightningModule: C51 on a Nature-DQN encoder plus lambda-weighted InfoNCE terms (spec §2, §3, §6)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import deque
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from driml_pl.critic import TERMS, DIMCritic
+from driml_pl.envs import NUM_ACTIONS
+from driml_pl.losses import c51_cross_entropy, categorical_projection
+from driml_pl.networks import Features, QNetwork, preprocess
+from driml_pl.types import Batch
+
+
+class DRIML(pl.LightningModule):
+    """C51 + InfoNCE. With every lambda at 0 this is the plain C51 baseline.
+
+    Args:
+        lambda_ll: weight of local(s_t, a_t) vs local(s_{t+k}).
+        lambda_lg: weight of local(s_t, a_t) vs global(s_{t+k}).
+        lambda_gl: weight of global(s_t, a_t) vs local(s_{t+k}).
+        lambda_gg: weight of global(s_t, a_t) vs global(s_{t+k}) (paper Procgen command: 1, the others 0).
+        num_atoms: C51 atoms (51).
+        v_min: lowest atom (-10).
+        v_max: highest atom (10).
+        lr: Adam learning rate (2.5e-4).
+        adam_eps: Adam epsilon (0.01 / 256 = 3.9e-5).
+        max_grad_norm: global gradient-norm clip (10).
+        target_update_interval: updates between hard copies of the online net into the target (312).
+        obs_size: (H, W) the 64x64 frames are resized to on the device (paper: 104 x 80).
+        frame_stack: frames per observation (linked from data.frame_stack).
+        feature_dim: encoder fc width (512).
+        action_dim: action embedding width (64).
+        rkhs_dim: DIM projection width (512).
+        score_clip: soft-clip cap c of the scores, c * tanh(x / c) (20).
+    """
+
+    def __init__(
+        self,
+        lambda_ll: float = 0.0,
+        lambda_lg: float = 0.0,
+        lambda_gl: float = 0.0,
+        lambda_gg: float = 1.0,
+        num_atoms: int = 51,
+        v_min: float = -10.0,
+        v_max: float = 10.0,
+        lr: float = 2.5e-4,
+        adam_eps: float = 0.01 / 256,
+        max_grad_norm: float = 10.0,
+        target_update_interval: int = 312,
+        obs_size: tuple[int, int] = (104, 80),
+        frame_stack: int = 1,
+        feature_dim: int = 512,
+        action_dim: int = 64,
+        rkhs_dim: int = 512,
+        score_clip: float = 20.0,
+    ) -> None:
+        super().__init__()
+        if not v_min < v_max or num_atoms < 2:
+            raise ValueError(f"need v_min < v_max and num_atoms >= 2, got {v_min}, {v_max}, {num_atoms}")
+        if target_update_interval < 1:
+            raise ValueError(f"model.target_update_interval must be >= 1, got {target_update_interval}")
+        self.save_hyperparameters()
+        self.lambdas = {t: float(getattr(self.hparams, f"lambda_{t}")) for t in TERMS}
+        self.obs_size = tuple(obs_size)
+        self.online = QNetwork(3 * frame_stack, self.obs_size, feature_dim, NUM_ACTIONS, num_atoms)
+        self.target = copy.deepcopy(self.online).requires_grad_(False)
+        enc = self.online.encoder
+        self.critic = DIMCritic(
+            tuple(t for t, lam in self.lambdas.items() if lam != 0.0),
+            local_channels=enc.local_channels,
+            global_dim=feature_dim,
+            num_actions=NUM_ACTIONS,
+            action_dim=action_dim,
+            rkhs_dim=rkhs_dim,
+            clip=score_clip,
+        )
+        self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms), persistent=False)
+        self._perf: deque[tuple[float, int, int]] = deque(maxlen=100)
+
+    # ------------------------------------------------------------------------------------------------ acting
+    def q_values(self, logits: Tensor) -> Tensor:
+        """Expected return per action. Shape: (B, A, atoms) -> (B, A)."""
+        return (torch.softmax(logits.float(), dim=-1) * self.support).sum(-1)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray) -> np.ndarray:
+        """Greedy actions of the online network for uint8 frame stacks (N, S, 64, 64, 3)."""
+        x = preprocess(torch.from_numpy(obs).to(self.device), self.obs_size)
+        _, logits = self.online(x)
+        return self.q_values(logits).argmax(-1).cpu().numpy()
+
+    # ---------------------------------------------------------------------------------------------- learning
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        """C51 cross-entropy, one InfoNCE per active term, and diagnostics (all scalars)."""
+        b = batch.action.shape[0]
+        rows = torch.arange(b, device=batch.action.device)
+        frames = torch.cat([batch.obs, batch.positive_obs]) if self.critic.terms else batch.obs
+        features = self.online.encoder(preprocess(frames, self.obs_size))
+        logits = self.online.head(features.global_[:b])
+        with torch.no_grad():
+            _, next_logits = self.target(preprocess(batch.next_obs, self.obs_size))
+            next_probs = torch.softmax(next_logits.float(), dim=-1)
+            greedy = (next_probs * self.support).sum(-1).argmax(-1)  # no double-Q (spec §3)
+            target = categorical_projection(self.support, next_probs[rows, greedy], batch.returns, batch.discount)
+        out = {"c51_loss": c51_cross_entropy(logits[rows, batch.action], target).mean()}
+        if self.critic.terms:
+            anchor = Features(features.local[:b], features.global_[:b])
+            positive = Features(features.local[b:], features.global_[b:])
+            for term, value in self.critic(anchor, batch.action, positive).items():
+                out[f"nce_{term}"] = value
+        with torch.no_grad():
+            out["q_mean"] = self.q_values(logits.detach()).mean()
+        out["loss"] = out["c51_loss"] + sum(
+            (self.lambdas[t] * out[f"nce_{t}"] for t in self.critic.terms), torch.zeros((), device=self.device)
+        )
+        return out
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        out = self.losses(batch)
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, prog_bar=False)
+        self.log("train/loss", out["loss"].detach())
+        self.log("train/k_mean", batch.k.float().mean())
+        self._log_rollout(batch)
+        return out["loss"]
+
+    def _log_rollout(self, batch: Batch) -> None:
+        stats, world = batch.stats, self.trainer.world_size
+        env_steps = int(stats.env_steps) * world
+        self.log("rollout/env_steps", float(env_steps), prog_bar=True, reduce_fx="max")
+        self.log("rollout/epsilon", float(stats.epsilon))
+        self.log("rollout/episodes", float(stats.episodes) * world, reduce_fx="sum")
+        if not math.isnan(stats.episode_return):
+            self.log("rollout/episode_return", float(stats.episode_return), prog_bar=True)
+            self.log("rollout/episode_length", float(stats.episode_length))
+        now = time.perf_counter()
+        self._perf.append((now, env_steps, self.global_step))
+        t0, e0, u0 = self._perf[0]
+        if now > t0:
+            self.log("perf/env_steps_per_s", (env_steps - e0) / (now - t0), prog_bar=True)
+            self.log("perf/updates_per_s", (self.global_step - u0) / (now - t0))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.global_step % self.hparams.target_update_interval == 0:
+            self.sync_target()
+
+    def sync_target(self) -> None:
+        """Hard copy of the online network into the target network."""
+        self.target.load_state_dict(self.online.state_dict())
+
+    def on_train_epoch_end(self) -> None:
+        stream = getattr(self.trainer.datamodule, "stream", None)
+        if stream is not None and stream.exhausted:
+            self.trainer.should_stop = True  # the env-step budget is spent
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.Adam(params, lr=self.hparams.lr, eps=self.hparams.adam_eps)
+
+    def configure_gradient_clipping(
+        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
+    ) -> None:
+        # The clip is part of the algorithm (spec §3), so it lives here rather than in the Trainer flags.
+        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+
+    # -------------------------------------------------------------------------------------------- evaluation
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._log_eval("eval", batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._log_eval("test", batch)
+
+    def _log_eval(self, prefix: str, batch: dict[str, Tensor]) -> None:
+        returns = batch["episode_return"].double()
+        if returns.numel():
+            self.log(f"{prefix}/episode_return", returns.mean().item(), batch_size=returns.numel())
+            self.log(f"{prefix}/episode_length", batch["episode_length"].double().mean().item())
+        self.log(f"{prefix}/episodes", float(returns.numel()))
