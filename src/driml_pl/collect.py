@@ -1,0 +1,121 @@
+"""Steps the envs with an epsilon-greedy policy, writes the replay, and keeps episode statistics."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from driml_pl.envs import NUM_ACTIONS, ProcgenVecEnv
+from driml_pl.replay import FrameReplay
+from driml_pl.types import GreedyPolicy
+
+
+@dataclass
+class EpsilonSchedule:
+    """Linear epsilon decay (spec §3: 0.1 -> 0.01 over 1e5 env steps once learning starts).
+
+    Before ``learning_starts`` env steps the actors act uniformly at random (the replay warm-up).
+
+    Args:
+        start: epsilon when learning starts.
+        end: final epsilon.
+        decay_steps: env steps (global, all ranks) over which epsilon goes from start to end.
+    """
+
+    start: float = 0.1
+    end: float = 0.01
+    decay_steps: int = 100_000
+
+    def __call__(self, env_steps: int, learning_starts: int) -> float:
+        if env_steps < learning_starts:
+            return 1.0
+        frac = min(1.0, (env_steps - learning_starts) / max(1, self.decay_steps))
+        return self.start + frac * (self.end - self.start)
+
+
+def epsilon_greedy(
+    rng: np.random.Generator, policy: GreedyPolicy, replay: FrameReplay, epsilon: float
+) -> np.ndarray:
+    """Actions for the newest frame stacks in ``replay``; the network is skipped when every env explores.
+
+    The rng is advanced identically whatever the policy returns, so exploration draws do not depend on it.
+    """
+    n = replay.num_envs
+    explore = rng.random(n) < epsilon
+    random_actions = rng.integers(0, NUM_ACTIONS, size=n)
+    if explore.all():
+        return random_actions
+    return np.where(explore, random_actions, policy(replay.latest()))
+
+
+class Collector:
+    """Owns one rank's envs and replay; `step` advances every env by one action.
+
+    Args:
+        env: the vectorised Procgen envs of this rank.
+        replay: the rank's frame ring.
+        rng: numpy generator for exploration (saved in checkpoints).
+        recent_episodes: how many finished episodes the running mean return covers.
+    """
+
+    def __init__(
+        self, env: ProcgenVecEnv, replay: FrameReplay, rng: np.random.Generator, recent_episodes: int = 100
+    ) -> None:
+        self.env, self.replay, self.rng = env, replay, rng
+        self.env_steps = 0
+        self.episodes = 0
+        self.recent_returns: deque[float] = deque(maxlen=recent_episodes)
+        self.recent_lengths: deque[int] = deque(maxlen=recent_episodes)
+        self._ep_return = np.zeros(env.num_envs, dtype=np.float64)
+        self._ep_length = np.zeros(env.num_envs, dtype=np.int64)
+        self.replay.reset(env.observe())
+
+    def step(self, policy: GreedyPolicy, epsilon: float) -> None:
+        actions = epsilon_greedy(self.rng, policy, self.replay, epsilon)
+        rewards, frames, firsts = self.env.step(actions)
+        self.replay.add(actions, rewards, firsts, frames)
+        self.env_steps += self.env.num_envs
+        self._ep_return += rewards
+        self._ep_length += 1
+        for i in np.flatnonzero(firsts):
+            self.recent_returns.append(float(self._ep_return[i]))
+            self.recent_lengths.append(int(self._ep_length[i]))
+            self.episodes += 1
+        self._ep_return[firsts] = 0.0
+        self._ep_length[firsts] = 0
+
+    def mean_return(self) -> float:
+        return float(np.mean(self.recent_returns)) if self.recent_returns else float("nan")
+
+    def mean_length(self) -> float:
+        return float(np.mean(self.recent_lengths)) if self.recent_lengths else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue: counters, episode accumulators, rng, env emulator state and replay."""
+        return {
+            "env_steps": self.env_steps,
+            "episodes": self.episodes,
+            "recent_returns": list(self.recent_returns),
+            "recent_lengths": list(self.recent_lengths),
+            "ep_return": self._ep_return.copy(),
+            "ep_length": self._ep_length.copy(),
+            "rng": self.rng.bit_generator.state,
+            "env_state": self.env.get_state(),
+            "replay": self.replay.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.replay.load_state_dict(state["replay"])
+        self.env.set_state(list(state["env_state"]))
+        self.env_steps = int(state["env_steps"])
+        self.episodes = int(state["episodes"])
+        self.recent_returns.clear()
+        self.recent_returns.extend(state["recent_returns"])
+        self.recent_lengths.clear()
+        self.recent_lengths.extend(state["recent_lengths"])
+        self._ep_return[:] = state["ep_return"]
+        self._ep_length[:] = state["ep_length"]
+        self.rng.bit_generator.state = state["rng"]

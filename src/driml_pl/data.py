@@ -1,0 +1,310 @@
+"""The replay stream (an IterableDataset living in the main process) and the LightningDataModule around it.
+
+Each ``next()`` steps this rank's envs with the current online network until the replay ratio allows one more
+update, then yields one `Batch` drawn with a single index array. Lightning fetches one batch ahead, so acting runs one
+update ahead of ``training_step``. The stream stops exactly at the env-step budget.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from driml_pl.collect import Collector, EpsilonSchedule
+from driml_pl.envs import EnvConfig, ProcgenVecEnv, rank_seeds
+from driml_pl.horizon import Horizon
+from driml_pl.replay import FrameReplay
+from driml_pl.types import Batch, GreedyPolicy, RolloutStats
+
+
+def _refuse_worker(name: str) -> None:
+    if get_worker_info() is not None:
+        raise RuntimeError(
+            f"{name} must run in the main process (it steps Procgen and owns the replay); "
+            "use DataLoader(num_workers=0)"
+        )
+
+
+class ReplayStream(IterableDataset):
+    """Yields replayed batches, stepping the envs to hold the replay ratio; `__len__` is one epoch's updates.
+
+    Args:
+        collector: this rank's envs + replay.
+        horizon: how the InfoNCE horizon k is drawn.
+        batch_size: samples per update (paper: 256).
+        replay_ratio: sampled transitions per env step, i.e. one update per batch_size / replay_ratio env steps
+            (paper: 8, 7 updates per 224 env steps).
+        learning_starts: env steps on this rank before the first update.
+        env_step_budget: env steps on this rank; the stream ends exactly there.
+        updates_per_epoch: updates per `__iter__` (an epoch), so epoch-end hooks fire.
+        epsilon: exploration schedule, read with the global env-step count.
+        world_size: number of ranks (global env steps = world_size * local).
+    """
+
+    def __init__(
+        self,
+        collector: Collector,
+        horizon: Horizon,
+        batch_size: int,
+        replay_ratio: float,
+        learning_starts: int,
+        env_step_budget: int,
+        updates_per_epoch: int,
+        epsilon: EpsilonSchedule,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        self.collector, self.horizon = collector, horizon
+        self.batch_size, self.replay_ratio = batch_size, replay_ratio
+        self.learning_starts, self.env_step_budget = learning_starts, env_step_budget
+        self.updates_per_epoch, self.epsilon, self.world_size = updates_per_epoch, epsilon, world_size
+        self.updates = 0  # batches handed out
+        self.policy: GreedyPolicy | None = None
+
+    def bind(self, policy: GreedyPolicy) -> None:
+        self.policy = policy
+
+    def __len__(self) -> int:
+        return self.updates_per_epoch
+
+    @property
+    def exhausted(self) -> bool:
+        """True once the budget is spent and no further update is allowed."""
+        return self.collector.env_steps >= self.env_step_budget and self.allowed_updates() <= self.updates
+
+    def allowed_updates(self) -> int:
+        """Updates the replay ratio allows after the env steps taken so far on this rank."""
+        collected = self.collector.env_steps - self.learning_starts
+        return max(0, math.floor(collected * self.replay_ratio / self.batch_size)) if collected >= 0 else 0
+
+    def current_epsilon(self) -> float:
+        return self.epsilon(self.collector.env_steps * self.world_size, self.learning_starts * self.world_size)
+
+    def _collect_one(self) -> None:
+        assert self.policy is not None
+        self.collector.step(self.policy, self.current_epsilon())
+
+    def next_batch(self) -> Batch | None:
+        """Step the envs as the ratio requires and draw one batch; None once the budget is spent."""
+        step = self.collector.env.num_envs
+        replay = self.collector.replay
+        while self.allowed_updates() <= self.updates or replay.num_valid() == 0:
+            if self.collector.env_steps + step > self.env_step_budget:
+                return None
+            self._collect_one()
+        k = self.horizon.sample(self.collector.rng, self.batch_size)
+        s = replay.sample(self.collector.rng, self.batch_size, k)
+        self.updates += 1
+        c = self.collector
+        stats = RolloutStats(c.env_steps, c.episodes, c.mean_return(), c.mean_length(), self.current_epsilon())
+        return Batch(
+            obs=torch.from_numpy(s.obs),
+            action=torch.from_numpy(s.action),
+            returns=torch.from_numpy(s.returns),
+            discount=torch.from_numpy(s.discount),
+            next_obs=torch.from_numpy(s.next_obs),
+            positive_obs=torch.from_numpy(s.positive_obs),
+            k=torch.from_numpy(s.k),
+            stats=stats,
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        _refuse_worker(type(self).__name__)
+        if self.policy is None:
+            raise RuntimeError("ReplayStream has no policy: call bind(policy) before iterating")
+        for _ in range(self.updates_per_epoch):
+            batch = self.next_batch()
+            if batch is None:
+                return
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"updates": self.updates, "collector": self.collector.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.collector.load_state_dict(state["collector"])
+        self.updates = int(state["updates"])
+
+
+class DRIMLDataModule(pl.LightningDataModule):
+    """Procgen envs, the frame replay and the replay stream for one rank.
+
+    Args:
+        env: Procgen settings (each rank runs ``env.num_envs`` envs).
+        total_env_steps: env-step budget over all ranks (paper: 50M); must be a multiple of num_envs * world size.
+        replay_size: transitions held per rank (paper: 1M, about 12.3 GB of uint8 frames).
+        batch_size: samples per update (paper: 256).
+        replay_ratio: sampled transitions per env step (paper: 8).
+        learning_starts: env steps (global) before the first update (paper: 1000).
+        n_step: return horizon (paper: 7).
+        gamma: discount (paper: 0.99).
+        frame_stack: frames per observation (1: a single RGB frame for acting and learning alike; spec §8.2).
+        horizon: how the InfoNCE horizon k is drawn (paper bigfish command: random, k in {1, 2}).
+        epsilon: exploration schedule (paper: 0.1 -> 0.01 over 1e5 env steps).
+        updates_per_epoch: updates per Lightning epoch (epoch-end hooks and checkpoints can fire there).
+        seed: run seed; Procgen's rand_seed and the sampling rng are derived from it and the rank.
+        eval_episodes: episodes per validation/test run (one per eval env).
+        eval_epsilon: exploration during evaluation (rlpyt default 0.001).
+    """
+
+    def __init__(
+        self,
+        env: EnvConfig = EnvConfig(),  # noqa: B008 (a frozen-by-convention default, shown by --print_config)
+        total_env_steps: int = 50_000_000,
+        replay_size: int = 1_000_000,
+        batch_size: int = 256,
+        replay_ratio: float = 8.0,
+        learning_starts: int = 1000,
+        n_step: int = 7,
+        gamma: float = 0.99,
+        frame_stack: int = 1,
+        horizon: Horizon = Horizon(),  # noqa: B008
+        epsilon: EpsilonSchedule = EpsilonSchedule(),  # noqa: B008
+        updates_per_epoch: int = 10_000,
+        seed: int = 0,  # linked from seed_everything by the CLI
+        eval_episodes: int = 16,
+        eval_epsilon: float = 0.001,
+    ) -> None:
+        super().__init__()
+        self.env_config, self.horizon, self.epsilon = env, horizon, epsilon
+        for key, value in (("batch_size", batch_size), ("replay_ratio", replay_ratio),
+                           ("updates_per_epoch", updates_per_epoch), ("total_env_steps", total_env_steps),
+                           ("eval_episodes", eval_episodes)):  # fmt: skip
+            if value <= 0:
+                raise ValueError(f"data.{key} must be > 0, got {value}")
+        self.save_hyperparameters()
+        self.total_env_steps, self.replay_size = total_env_steps, replay_size
+        self.batch_size, self.replay_ratio, self.learning_starts = batch_size, replay_ratio, learning_starts
+        self.n_step, self.gamma, self.frame_stack = n_step, gamma, frame_stack
+        self.updates_per_epoch, self.seed = updates_per_epoch, seed
+        self.eval_episodes, self.eval_epsilon = eval_episodes, eval_epsilon
+        self.stream: ReplayStream | None = None
+
+    # ----------------------------------------------------------------------------------------------- set-up
+    def _rank(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def check_budget(self, world_size: int) -> None:
+        """The budget is honoured exactly, so it must split into whole vector steps on every rank."""
+        per_step = self.env_config.num_envs * world_size
+        if self.total_env_steps % per_step:
+            raise ValueError(
+                f"data.total_env_steps={self.total_env_steps} is not a multiple of env.num_envs * world size "
+                f"= {per_step}; pick a multiple (e.g. {self.total_env_steps // per_step * per_step or per_step})"
+            )
+
+    def setup(self, stage: str) -> None:
+        if stage != "fit" or self.stream is not None:
+            return
+        rank, world = self._rank()
+        self.check_budget(world)
+        env_seed, rng = rank_seeds(self.seed, rank)
+        env = ProcgenVecEnv(self.env_config, env_seed)
+        capacity = self.replay_size // self.env_config.num_envs
+        replay = FrameReplay(self.env_config.num_envs, capacity, self.n_step, self.gamma,
+                             self.horizon.max_k, self.frame_stack)  # fmt: skip
+        self.stream = ReplayStream(
+            Collector(env, replay, rng),
+            self.horizon,
+            self.batch_size,
+            self.replay_ratio,
+            learning_starts=math.ceil(self.learning_starts / world),
+            env_step_budget=self.total_env_steps // world,
+            updates_per_epoch=self.updates_per_epoch,
+            epsilon=self.epsilon,
+            world_size=world,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.stream is not None, "setup('fit') builds the stream"
+        self.stream.bind(self.trainer.lightning_module.act)
+        return DataLoader(self.stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(held_out=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(held_out=True)
+
+    def _eval_loader(self, held_out: bool) -> DataLoader:
+        from driml_pl.evaluate import EvalEpisodes
+
+        rank, _ = self._rank()
+        cfg = asdict(self.env_config) | {"num_envs": self.eval_episodes}
+        if held_out:  # unseen levels: the full level distribution, random order
+            cfg |= {"num_levels": 0, "start_level": 0, "use_sequential_levels": False}
+        env_seed, _ = rank_seeds(self.seed + 10_000 * (2 if held_out else 1), rank)
+        episodes = EvalEpisodes(EnvConfig(**cfg), env_seed, self.frame_stack, self.eval_epsilon, self.seed)
+        episodes.bind(self.trainer.lightning_module.act)
+        return DataLoader(episodes, batch_size=None, num_workers=0)
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Writes this rank's stream (replay, env emulator state, rng, counters) beside the checkpoints.
+
+        Lightning writes the checkpoint from rank 0 only, so per-rank state goes to per-rank files named in it.
+        """
+        if self.stream is None or self.trainer is None:
+            return {}
+        rank, world = self._rank()
+        path = self._stream_file(self._checkpoint_dir(), rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save({"global_step": self.trainer.global_step, "stream": _to_torch(self.stream.state_dict())}, tmp)
+        os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file intact
+        return {"world_size": world, "global_step": self.trainer.global_step, "updates": self.stream.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        assert self.stream is not None, "setup('fit') runs before the checkpoint is restored"
+        rank, world = self._rank()
+        if state["world_size"] != world:
+            raise ValueError(f"checkpoint was written with {state['world_size']} ranks, this run has {world}")
+        ckpt_path = self.trainer.ckpt_path
+        path = self._stream_file(Path(ckpt_path).parent if ckpt_path else self._checkpoint_dir(), rank)
+        if not path.is_file():
+            raise FileNotFoundError(f"stream state {path} for rank {rank} is missing; it is written with every ckpt")
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        if saved["global_step"] != state["global_step"]:
+            raise ValueError(
+                f"stream state {path} is from update {saved['global_step']} but the checkpoint is from update "
+                f"{state['global_step']}; only the newest checkpoint can be resumed with its replay"
+            )
+        self.stream.load_state_dict(_to_numpy(saved["stream"]))
+
+    def _checkpoint_dir(self) -> Path:
+        callback = self.trainer.checkpoint_callback
+        dirpath = getattr(callback, "dirpath", None)
+        return Path(dirpath) if dirpath else Path(self.trainer.default_root_dir) / "checkpoints"
+
+    @staticmethod
+    def _stream_file(ckpt_dir: Path, rank: int) -> Path:
+        return ckpt_dir / "stream" / f"rank{rank}.pt"
+
+
+def _to_torch(obj: Any) -> Any:
+    """numpy arrays -> tensors sharing memory, so torch.save streams them without a pickled copy."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj)
+    if isinstance(obj, dict):
+        return {k: _to_torch(v) for k, v in obj.items()}
+    return obj
+
+
+def _to_numpy(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.numpy()
+    if isinstance(obj, dict):
+        return {k: _to_numpy(v) for k, v in obj.items()}
+    return obj
