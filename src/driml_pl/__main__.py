@@ -1,0 +1,3 @@
+from driml_pl.cli import main
+
+main()

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def tiny_args(run_dir: Path, budget: int = 512, **extra: object) -> list[str]:
+    """Overrides that turn conf/quickstart.yaml into a run of a few seconds on real Procgen."""
+    args = {
+        "--config": str(CONF / "quickstart.yaml"),
+        "--trainer.default_root_dir": str(run_dir),
+        "--trainer.enable_model_summary": "false",
+        "--trainer.log_every_n_steps": "1",
+        "--data.env.game": "bigfish",
+        "--data.env.num_envs": "8",
+        "--data.env.num_levels": "20",
+        "--data.total_env_steps": str(budget),
+        "--data.replay_size": "2048",
+        "--data.batch_size": "16",
+        "--data.replay_ratio": "2",
+        "--data.learning_starts": "64",
+        "--data.updates_per_epoch": "12",
+        "--model.target_update_interval": "5",
+        "--model.feature_dim": "64",
+        "--model.rkhs_dim": "32",
+    }
+    args.update({k: str(v) for k, v in extra.items()})
+    return ["fit"] + [x for kv in args.items() for x in kv]
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"

@@ -1,0 +1,122 @@
+"""End to end through the CLI on real Procgen: budget, metrics, checkpoints, resume, configs, bad input."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import CONF, ROOT, tiny_args
+from driml_pl.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def read_metrics(run: Path) -> list[dict[str, str]]:
+    rows = []
+    for version in sorted((run / "logs").glob("version_*")):
+        with open(version / "metrics.csv") as f:
+            rows += list(csv.DictReader(f))
+    return rows
+
+
+def last_value(rows: list[dict[str, str]], key: str) -> float:
+    return float([r[key] for r in rows if r.get(key)][-1])
+
+
+def expected_updates(budget: int, learning_starts: int = 64, ratio: float = 2.0, batch: int = 16) -> int:
+    return math.floor((budget - learning_starts) * ratio / batch)
+
+
+def test_fit_honours_budget_logs_finite_losses_and_writes_checkpoint(run_dir):
+    main(tiny_args(run_dir, budget=512))
+    rows = read_metrics(run_dir)
+    assert last_value(rows, "rollout/env_steps") == 512
+    for key in ("train/c51_loss", "train/nce_gg", "train/q_mean", "train/loss"):
+        values = [float(r[key]) for r in rows if r.get(key)]
+        assert values and all(math.isfinite(v) for v in values), key
+    assert {"rollout/epsilon", "perf/env_steps_per_s", "perf/updates_per_s", "rollout/episode_return"} <= set(rows[0])
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == expected_updates(512) == 56
+    assert ckpt["DRIMLDataModule"]["updates"] == 56
+    assert (run_dir / "checkpoints" / "stream" / "rank0.pt").is_file()
+    config = yaml.safe_load((run_dir / "logs" / "version_0" / "config.yaml").read_text())
+    assert config["data"]["total_env_steps"] == 512 and config["data"]["frame_stack"] == 1
+
+
+def test_resume_continues_counters_and_equals_an_uninterrupted_run(tmp_path):
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    main(tiny_args(whole, budget=512))
+    main(tiny_args(split, budget=512, **{"--trainer.max_epochs": 2}))  # stops after 24 updates, an epoch end
+    first = torch.load(split / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first["global_step"] == 24
+    main(tiny_args(split, budget=512, **{"--ckpt_path": "last"}))
+    a = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(split / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert a["global_step"] == b["global_step"] == 56
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=0, atol=0)
+    rows = read_metrics(split)
+    assert last_value(rows, "rollout/env_steps") == 512
+    assert len(list((split / "logs").glob("version_*"))) == 2  # the resume logged to a new version, nothing lost
+
+
+def test_fresh_run_refuses_to_overwrite_checkpoints(run_dir):
+    main(tiny_args(run_dir, budget=128))
+    stamp = (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    with pytest.raises(SystemExit) as err:
+        main(tiny_args(run_dir, budget=128))
+    assert err.value.code == 2
+    assert (run_dir / "checkpoints" / "last.ckpt").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["--data.env.game", "pacman"], "unknown game 'pacman'"),
+        (["--data.total_env_steps", "1001"], "total_env_steps=1001 is not a multiple"),
+        (["--data.horizon.mode", "sometimes"], "unknown horizon.mode 'sometimes'; valid: fixed, random"),
+    ],
+)
+def test_bad_input_gives_one_line_error_nonzero_exit_and_no_output(tmp_path, override, message):
+    run = tmp_path / "bad"
+    cmd = [sys.executable, "-m", "driml_pl", *tiny_args(run)[0:1], *tiny_args(run)[1:], *override]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("driml_pl: error:") and message in last
+    assert not run.exists()
+
+
+@pytest.mark.parametrize("config", sorted(CONF.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config):
+    proc = subprocess.run(
+        [sys.executable, "-m", "driml_pl", "fit", "--config", str(config), "--print_config"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resolved = yaml.safe_load(proc.stdout)
+    assert resolved["data"]["env"]["game"] in {"bigfish", "fruitbot"}
+    assert resolved["model"]["num_atoms"] == 51
+
+
+def test_bigfish_config_is_the_paper_setting():
+    cfg = yaml.safe_load((CONF / "bigfish.yaml").read_text())
+    m, d = cfg["model"], cfg["data"]
+    assert (m["lambda_gg"], m["lambda_ll"], m["lambda_lg"], m["lambda_gl"]) == (1.0, 0.0, 0.0, 0.0)
+    assert (m["lr"], m["adam_eps"], m["max_grad_norm"], m["target_update_interval"]) == (2.5e-4, 0.01 / 256, 10, 312)
+    assert (d["batch_size"], d["replay_ratio"], d["n_step"], d["gamma"], d["learning_starts"]) == (256, 8, 7, 0.99, 1000)
+    assert d["env"] == {"game": "bigfish", "num_envs": 32, "num_levels": 500, "start_level": 0,
+                        "distribution_mode": "easy", "use_sequential_levels": True, "paint_vel_info": True}  # fmt: skip
+    assert d["total_env_steps"] == 50_000_000 and d["horizon"] == {"mode": "random", "k": 2}
+    c51 = yaml.safe_load((CONF / "c51_bigfish.yaml").read_text())
+    assert all(c51["model"][f"lambda_{t}"] == 0.0 for t in ("ll", "lg", "gl", "gg"))
+    assert c51["data"] == d | {"horizon": d["horizon"]}
