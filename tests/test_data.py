@@ -34,7 +34,7 @@ def tiny_datamodule(**overrides) -> DRIMLDataModule:
     dm = DRIMLDataModule(**kwargs)
     dm.setup("fit")
     assert dm.stream is not None
-    dm.stream.bind(random_policy)
+    dm.stream.bind(random_policy, (lambda: np.full((15, 15), 0.5)) if dm.horizon.adaptive else None)
     return dm
 
 

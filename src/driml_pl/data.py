@@ -21,16 +21,16 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from driml_pl.collect import Collector, EpsilonSchedule
 from driml_pl.envs import EnvConfig, ProcgenVecEnv, rank_seeds
-from driml_pl.horizon import Horizon
+from driml_pl.horizon import Horizon, continuation_probs, sample_nhg
+from driml_pl.remap import effective_actions
 from driml_pl.replay import FrameReplay
-from driml_pl.types import Batch, GreedyPolicy, RolloutStats
+from driml_pl.types import Batch, ContinuationSource, GreedyPolicy, RolloutStats
 
 
 def _refuse_worker(name: str) -> None:
     if get_worker_info() is not None:
         raise RuntimeError(
-            f"{name} must run in the main process (it steps Procgen and owns the replay); "
-            "use DataLoader(num_workers=0)"
+            f"{name} must run in the main process (it steps Procgen and owns the replay); use DataLoader(num_workers=0)"
         )
 
 
@@ -48,6 +48,7 @@ class ReplayStream(IterableDataset):
         updates_per_epoch: updates per `__iter__` (an epoch), so epoch-end hooks fire.
         epsilon: exploration schedule, read with the global env-step count.
         world_size: number of ranks (global env steps = world_size * local).
+        effective: (15,) raw -> effective action map of the game (used by the adaptive horizon).
     """
 
     def __init__(
@@ -61,17 +62,23 @@ class ReplayStream(IterableDataset):
         updates_per_epoch: int,
         epsilon: EpsilonSchedule,
         world_size: int = 1,
+        effective: np.ndarray | None = None,
     ) -> None:
         super().__init__()
         self.collector, self.horizon = collector, horizon
         self.batch_size, self.replay_ratio = batch_size, replay_ratio
         self.learning_starts, self.env_step_budget = learning_starts, env_step_budget
         self.updates_per_epoch, self.epsilon, self.world_size = updates_per_epoch, epsilon, world_size
+        self.effective = effective if effective is not None else np.arange(15)
         self.updates = 0  # batches handed out
         self.policy: GreedyPolicy | None = None
+        self.continuation: ContinuationSource | None = None
 
-    def bind(self, policy: GreedyPolicy) -> None:
-        self.policy = policy
+    def bind(self, policy: GreedyPolicy, continuation: ContinuationSource | None = None) -> None:
+        """Attach the acting policy and, for the adaptive horizon, the source of continuation probabilities."""
+        if self.horizon.adaptive and continuation is None:
+            raise ValueError("data.horizon.mode=adaptive needs a model with adaptive_horizon=true (the CLI links it)")
+        self.policy, self.continuation = policy, continuation
 
     def __len__(self) -> int:
         return self.updates_per_epoch
@@ -101,8 +108,17 @@ class ReplayStream(IterableDataset):
             if self.collector.env_steps + step > self.env_step_budget:
                 return None
             self._collect_one()
-        k = self.horizon.sample(self.collector.rng, self.batch_size)
-        s = replay.sample(self.collector.rng, self.batch_size, k)
+        rng = self.collector.rng
+        env, t = replay.sample_anchors(rng, self.batch_size)
+        window = valid = None
+        if self.horizon.adaptive:
+            assert self.continuation is not None
+            raw, valid = replay.action_window(env, t, self.horizon.max_k)
+            window = self.effective[raw]
+            k = sample_nhg(rng, continuation_probs(window, valid, self.continuation()))
+        else:
+            k = self.horizon.sample(rng, self.batch_size)
+        s = replay.gather(env, t, k)
         self.updates += 1
         c = self.collector
         stats = RolloutStats(c.env_steps, c.episodes, c.mean_return(), c.mean_length(), self.current_epsilon())
@@ -115,6 +131,8 @@ class ReplayStream(IterableDataset):
             positive_obs=torch.from_numpy(s.positive_obs),
             k=torch.from_numpy(s.k),
             stats=stats,
+            action_window=None if window is None else torch.from_numpy(window),
+            pair_valid=None if valid is None else torch.from_numpy(valid),
         )
 
     def __iter__(self) -> Iterator[Batch]:
@@ -194,6 +212,19 @@ class DRIMLDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
+    def _attached(self) -> pl.Trainer:
+        if self.trainer is None:
+            raise RuntimeError("DRIMLDataModule is not attached to a Trainer")
+        return self.trainer
+
+    def _policy(self) -> GreedyPolicy:
+        policy: GreedyPolicy = self._attached().lightning_module.act  # type: ignore[assignment]
+        return policy
+
+    def _continuation(self) -> ContinuationSource | None:
+        module = self._attached().lightning_module
+        return module.continuation_matrix if getattr(module, "pair_model", None) is not None else None  # type: ignore[return-value]
+
     def check_budget(self, world_size: int) -> None:
         """The budget is honoured exactly, so it must split into whole vector steps on every rank."""
         per_step = self.env_config.num_envs * world_size
@@ -223,11 +254,12 @@ class DRIMLDataModule(pl.LightningDataModule):
             updates_per_epoch=self.updates_per_epoch,
             epsilon=self.epsilon,
             world_size=world,
+            effective=effective_actions(self.env_config.game),
         )
 
     def train_dataloader(self) -> DataLoader:
         assert self.stream is not None, "setup('fit') builds the stream"
-        self.stream.bind(self.trainer.lightning_module.act)
+        self.stream.bind(self._policy(), self._continuation())
         return DataLoader(self.stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
@@ -245,7 +277,7 @@ class DRIMLDataModule(pl.LightningDataModule):
             cfg |= {"num_levels": 0, "start_level": 0, "use_sequential_levels": False}
         env_seed, _ = rank_seeds(self.seed + 10_000 * (2 if held_out else 1), rank)
         episodes = EvalEpisodes(EnvConfig(**cfg), env_seed, self.frame_stack, self.eval_epsilon, self.seed)
-        episodes.bind(self.trainer.lightning_module.act)
+        episodes.bind(self._policy())
         return DataLoader(episodes, batch_size=None, num_workers=0)
 
     # ----------------------------------------------------------------------------------------- checkpoints
@@ -260,18 +292,18 @@ class DRIMLDataModule(pl.LightningDataModule):
         path = self._stream_file(self._checkpoint_dir(), rank)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"global_step": self.trainer.global_step, "stream": _to_torch(self.stream.state_dict())}, tmp)
+        step = self._attached().global_step
+        torch.save({"global_step": step, "stream": _to_torch(self.stream.state_dict())}, tmp)
         os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file intact
-        return {"world_size": world, "global_step": self.trainer.global_step, "updates": self.stream.updates}
+        return {"world_size": world, "global_step": step, "updates": self.stream.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
+        if not state or self.stream is None:  # validate/test read only the weights
             return
-        assert self.stream is not None, "setup('fit') runs before the checkpoint is restored"
         rank, world = self._rank()
         if state["world_size"] != world:
             raise ValueError(f"checkpoint was written with {state['world_size']} ranks, this run has {world}")
-        ckpt_path = self.trainer.ckpt_path
+        ckpt_path = self._attached().ckpt_path
         path = self._stream_file(Path(ckpt_path).parent if ckpt_path else self._checkpoint_dir(), rank)
         if not path.is_file():
             raise FileNotFoundError(f"stream state {path} for rank {rank} is missing; it is written with every ckpt")
@@ -284,9 +316,9 @@ class DRIMLDataModule(pl.LightningDataModule):
         self.stream.load_state_dict(_to_numpy(saved["stream"]))
 
     def _checkpoint_dir(self) -> Path:
-        callback = self.trainer.checkpoint_callback
-        dirpath = getattr(callback, "dirpath", None)
-        return Path(dirpath) if dirpath else Path(self.trainer.default_root_dir) / "checkpoints"
+        trainer = self._attached()
+        dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+        return Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"
 
     @staticmethod
     def _stream_file(ckpt_dir: Path, rank: int) -> Path:

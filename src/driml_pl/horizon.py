@@ -1,4 +1,10 @@
-"""How the InfoNCE horizon k of each sample is chosen (spec §2.6)."""
+"""How the InfoNCE horizon k of each sample is chosen (spec §2.6): fixed, random, or adaptive (DRIML-ada).
+
+The adaptive mode draws k from a non-homogeneous geometric (NHG) process: starting from the pair
+(a_{t-1}, a_t), every consecutive action pair "continues" with probability P[a, a'] and k counts the continuations
+before the first stop (at least 1, at most the cap). P comes from a learned action-pair network (see
+`driml_pl.adaptive`), indexed by *effective* actions (raw Procgen actions mapped through the game's remap matrix).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-HORIZON_MODES = ("fixed", "random")
+HORIZON_MODES = ("fixed", "random", "adaptive")
 
 
 @dataclass
@@ -14,9 +20,10 @@ class Horizon:
     """The InfoNCE positive is s_{t+k}.
 
     Args:
-        mode: ``fixed`` (every sample uses ``k``; DRIML-fix) or ``random`` (k uniform in {1..k} per sample;
-            DRIML-randk, paper k = 2). Unlike the released code, ``fixed`` with k = 1 means s_{t+1}.
-        k: the fixed horizon, or the largest one for ``random``.
+        mode: ``fixed`` (every sample uses ``k``; DRIML-fix), ``random`` (k uniform in {1..k} per sample;
+            DRIML-randk, paper k = 2) or ``adaptive`` (NHG process, k in {1..k}; DRIML-ada, paper cap 13).
+            Unlike the released code, ``fixed`` with k = 1 means s_{t+1}.
+        k: the fixed horizon, the largest one for ``random``, or the cap for ``adaptive``.
     """
 
     mode: str = "random"
@@ -32,7 +39,49 @@ class Horizon:
     def max_k(self) -> int:
         return self.k
 
+    @property
+    def adaptive(self) -> bool:
+        return self.mode == "adaptive"
+
     def sample(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
+        """k for the fixed and random modes (the adaptive mode needs the actions: `sample_nhg`)."""
         if self.mode == "fixed":
             return np.full(batch_size, self.k, dtype=np.int64)
-        return rng.integers(1, self.k + 1, size=batch_size)
+        if self.mode == "random":
+            return rng.integers(1, self.k + 1, size=batch_size)
+        raise ValueError("the adaptive horizon depends on the actions; use sample_nhg")
+
+
+def continuation_probs(actions: np.ndarray, pair_valid: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Per-pair continuation probabilities of the NHG process.
+
+    Shape:
+        actions: (B, K + 1) effective actions a_{t-1} .. a_{t+K-1}; pair_valid: (B, K), False where a pair does not
+        exist (a_{t-1} before the episode start) -- such a pair continues with probability 1; matrix: (A, A).
+        Returns: (B, K).
+    """
+    probs = matrix[actions[:, :-1], actions[:, 1:]]
+    return np.where(pair_valid, probs, 1.0)
+
+
+def sample_nhg(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
+    """k = max(1, number of continuations before the first stop), for per-pair continuation probabilities.
+
+    Shape:
+        probs: (B, K). Returns: (B,) int64 in [1, K].
+    """
+    alive = np.cumprod(rng.random(probs.shape) < probs, axis=1)
+    return np.maximum(1, alive.sum(axis=1)).astype(np.int64)
+
+
+def nhg_pmf(probs: np.ndarray) -> np.ndarray:
+    """Closed-form distribution of `sample_nhg` for one row of probabilities: P(k = j) for j = 0..K (P(0) = 0).
+
+    P(raw k >= j) = prod_{tau <= j} p_tau; raw k = 0 is folded into k = 1.
+    """
+    survive = np.concatenate([[1.0], np.cumprod(probs)])  # P(raw k >= j), j = 0..K
+    raw = survive - np.concatenate([survive[1:], [0.0]])  # P(raw k = j)
+    pmf = raw.copy()
+    pmf[1] += pmf[0]
+    pmf[0] = 0.0
+    return pmf

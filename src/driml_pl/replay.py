@@ -123,19 +123,38 @@ class FrameReplay:
         env = np.arange(self.num_envs)
         return self.stacked(env, np.full(self.num_envs, self.t))
 
-    def sample(self, rng: np.random.Generator, batch_size: int, k: np.ndarray) -> ReplaySample:
-        """Draw ``batch_size`` anchors uniformly over envs and valid times, with horizons ``k`` (1 <= k <= max_k)."""
+    def sample_anchors(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Anchors (env, t) drawn uniformly over envs and valid times."""
         lo, hi = self.valid_range()
         if hi < lo:
             raise RuntimeError(f"replay holds no complete window yet (newest t={self.t}, window {self.window})")
-        if k.shape != (batch_size,) or k.min() < 1 or k.max() > self.max_k:
-            raise ValueError(f"k must have shape ({batch_size},) with values in [1, {self.max_k}]")
-        env = rng.integers(0, self.num_envs, size=batch_size)
-        t = rng.integers(lo, hi + 1, size=batch_size)
+        return rng.integers(0, self.num_envs, size=batch_size), rng.integers(lo, hi + 1, size=batch_size)
+
+    def sample(self, rng: np.random.Generator, batch_size: int, k: np.ndarray) -> ReplaySample:
+        """Draw ``batch_size`` anchors uniformly over envs and valid times, with horizons ``k`` (1 <= k <= max_k)."""
+        env, t = self.sample_anchors(rng, batch_size)
         return self.gather(env, t, k)
+
+    def action_window(self, env: np.ndarray, t: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """Actions a_{t-1} .. a_{t+length-1} and which consecutive pairs lie inside one episode.
+
+        Shape:
+            Returns: actions (B, length + 1) int64; pair_valid (B, length) bool, where pair j is
+            (a_{t+j-1}, a_{t+j}): pair 0 is invalid when s_t starts an episode, pair j >= 1 when done_{t+j-1}.
+        """
+        if length > self.window:
+            raise ValueError(f"action window {length} exceeds the replay window {self.window}")
+        times = (t[:, None] + np.arange(-1, length)[None, :]) % self.capacity
+        actions = self.actions[env[:, None], times].astype(np.int64)
+        valid = np.empty((len(t), length), dtype=bool)
+        valid[:, 0] = ~self.firsts[env, t % self.capacity]
+        valid[:, 1:] = ~self.dones[env[:, None], times[:, 1:-1]]
+        return actions, valid
 
     def gather(self, env: np.ndarray, t: np.ndarray, k: np.ndarray) -> ReplaySample:
         """Build the sample for explicit anchors (env, t) and horizons k. Vectorised over the batch."""
+        if k.shape != t.shape or k.min() < 1 or k.max() > self.max_k:
+            raise ValueError(f"k must have shape {t.shape} with values in [1, {self.max_k}]")
         window = (t[:, None] + np.arange(self.window)[None, :]) % self.capacity
         rewards = self.rewards[env[:, None], window]
         dones = self.dones[env[:, None], window]
@@ -179,4 +198,4 @@ class FrameReplay:
             if saved.shape != mine.shape:
                 raise ValueError(f"saved replay {name} has shape {saved.shape}, this run expects {mine.shape}")
             mine[...] = saved
-        self.t = int(state["t"])  # type: ignore[arg-type]
+        self.t = int(state["t"])

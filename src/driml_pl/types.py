@@ -27,6 +27,8 @@ class Batch(NamedTuple):
         returns: (B,) float32 -- n-step discounted return, truncated at a terminal
         discount: (B,) float32 -- gamma**n * (1 - done within the n steps)
         k: (B,) int64 -- the effective horizon of each positive (after truncation at an episode end)
+        action_window: (B, K + 1) int64 -- effective actions a_{t-1} .. a_{t+K-1} (adaptive horizon only, else None)
+        pair_valid: (B, K) bool -- which consecutive pairs of action_window lie in one episode (adaptive only)
     """
 
     obs: Tensor
@@ -37,6 +39,14 @@ class Batch(NamedTuple):
     positive_obs: Tensor
     k: Tensor
     stats: RolloutStats
+    action_window: Tensor | None = None
+    pair_valid: Tensor | None = None
+
+
+class ContinuationSource(Protocol):
+    """Returns the current (15, 15) matrix of NHG continuation probabilities (adaptive horizon)."""
+
+    def __call__(self) -> np.ndarray: ...
 
 
 class GreedyPolicy(Protocol):

@@ -1,0 +1,92 @@
+"""DRIML-ada's learned action-pair concordance (spec §2.6, paper Algorithm 2).
+
+An action-pair network Q scores how strongly an action tends to follow another; it is trained with the Jensen-Shannon
+MI estimator on real consecutive pairs (positives) against pairs whose second action is shuffled (negatives). After
+every update the continuation matrix is smoothed, ``A <- decay * A + (1 - decay) * rowsoftmax(Q)``, and the horizon
+sampler reads ``clip(A, eps, 1 - eps)``.
+
+Actions are *effective* ids (raw Procgen actions mapped through the game's remap matrix, `driml_pl.remap`), so
+redundant key presses count as the same behaviour. The released code indexed A with a "hybrid" id that is not a
+bijection (spec §8.8); this is the paper's description instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from driml_pl.envs import NUM_ACTIONS
+
+
+def jsd_mi_loss(positive: Tensor, negative: Tensor) -> Tensor:
+    """Negative Jensen-Shannon MI lower bound (Deep InfoMax's JSD form), to minimise.
+
+    Maximised quantity: E_pos[log 2 - softplus(-Q)] - E_neg[softplus(-Q) + Q - log 2].
+
+    Shape:
+        positive: (P,) scores of real pairs; negative: (N,) scores of shuffled pairs. Returns: scalar.
+    """
+    e_pos = (math.log(2.0) - F.softplus(-positive)).mean()
+    e_neg = (F.softplus(-negative) + negative - math.log(2.0)).mean()
+    return -(e_pos - e_neg)
+
+
+class ActionPairModel(nn.Module):
+    """The pair network and the smoothed continuation matrix A (a persistent buffer, saved in checkpoints).
+
+    Args:
+        hidden: hidden width of the pair MLP (paper: 64).
+        decay: EMA factor of A (paper: 0.9).
+        eps: continuation probabilities are clipped to [eps, 1 - eps].
+        seed: seed of A's Uniform(0, 1) initialisation.
+        visible: (15,) bool mask of the game's effective actions; the row softmax runs over these columns only.
+    """
+
+    def __init__(
+        self, hidden: int = 64, decay: float = 0.9, eps: float = 0.05, seed: int = 0, visible: Tensor | None = None
+    ) -> None:
+        super().__init__()
+        if not 0.0 < eps < 0.5:
+            raise ValueError(f"model.continuation_eps must be in (0, 0.5), got {eps}")
+        self.decay, self.eps = decay, eps
+        self.net = nn.Sequential(nn.Linear(2 * NUM_ACTIONS, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        gen = torch.Generator().manual_seed(seed)
+        self.register_buffer("matrix", torch.rand(NUM_ACTIONS, NUM_ACTIONS, generator=gen))
+        mask = torch.ones(NUM_ACTIONS, dtype=torch.bool) if visible is None else visible.bool()
+        self.register_buffer("visible", mask, persistent=False)
+        self.matrix: Tensor
+        self.visible: Tensor
+
+    def score(self, first: Tensor, second: Tensor) -> Tensor:
+        """Q(a, a') for pairs of effective action ids. Shape: (N,), (N,) -> (N,)."""
+        x = torch.cat([F.one_hot(first, NUM_ACTIONS), F.one_hot(second, NUM_ACTIONS)], dim=-1).float()
+        return self.net(x).squeeze(-1)
+
+    def loss(self, actions: Tensor, pair_valid: Tensor) -> Tensor:
+        """JSD loss on the consecutive pairs of the sampled windows; negatives shuffle the second actions.
+
+        Shape:
+            actions: (B, K + 1) effective ids; pair_valid: (B, K). Returns: scalar.
+        """
+        first, second = actions[:, :-1][pair_valid], actions[:, 1:][pair_valid]
+        if first.numel() < 2:
+            return actions.new_zeros((), dtype=torch.float32)
+        shuffled = second[torch.randperm(second.numel(), device=second.device)]
+        return jsd_mi_loss(self.score(first, second), self.score(first, shuffled))
+
+    @torch.no_grad()
+    def update_matrix(self) -> None:
+        """A <- decay * A + (1 - decay) * rowsoftmax(Q), the softmax over the game's effective actions."""
+        ids = torch.arange(NUM_ACTIONS, device=self.matrix.device)
+        first, second = torch.meshgrid(ids, ids, indexing="ij")
+        q = self.score(first.reshape(-1), second.reshape(-1)).view(NUM_ACTIONS, NUM_ACTIONS)
+        q = q.masked_fill(~self.visible[None, :], float("-inf"))
+        self.matrix.mul_(self.decay).add_((1.0 - self.decay) * torch.softmax(q, dim=1))
+
+    @torch.no_grad()
+    def continuation(self) -> Tensor:
+        """clip(A, eps, 1 - eps): the per-pair continuation probabilities the horizon sampler uses."""
+        return self.matrix.clamp(self.eps, 1.0 - self.eps)
