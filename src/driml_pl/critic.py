@@ -29,6 +29,8 @@ class DIMCritic(nn.Module):
         action_dim: action embedding width (64).
         rkhs_dim: projection width (512).
         clip: soft-clip cap for the scores (20).
+        action_conditioned: False builds the DRIML-noact ablation (spec §2.8): no action input, default (Kaiming
+            uniform) init, and one head per feature kind shared by both sides, so LL and GG use a symmetric critic.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class DIMCritic(nn.Module):
         action_dim: int = 64,
         rkhs_dim: int = 512,
         clip: float = 20.0,
+        action_conditioned: bool = True,
     ) -> None:
         super().__init__()
         unknown = set(terms) - set(TERMS)
@@ -47,14 +50,27 @@ class DIMCritic(nn.Module):
             raise ValueError(f"unknown DIM terms {sorted(unknown)}; valid: {', '.join(TERMS)}")
         self.terms = tuple(t for t in TERMS if t in terms)
         self.rkhs_dim, self.clip = rkhs_dim, clip
-        self.action_encoder = ActionEncoder(num_actions, action_dim) if self.terms else None
         in_dim = {"l": local_channels, "g": global_dim}
-        self.anchor_heads = nn.ModuleDict(
-            {t: ResidualMLP(in_dim[t[0]] + action_dim, rkhs_dim, spatial=t[0] == "l") for t in self.terms}
-        )
-        self.candidate_heads = nn.ModuleDict(
-            {t: ResidualMLP(in_dim[t[1]], rkhs_dim, spatial=t[1] == "l") for t in self.terms}
-        )
+        self.action_conditioned = action_conditioned
+        if action_conditioned:
+            self.action_encoder: ActionEncoder | None = ActionEncoder(num_actions, action_dim) if self.terms else None
+            self.anchor_heads = nn.ModuleDict(
+                {t: ResidualMLP(in_dim[t[0]] + action_dim, rkhs_dim, spatial=t[0] == "l") for t in self.terms}
+            )
+            self.candidate_heads = nn.ModuleDict(
+                {t: ResidualMLP(in_dim[t[1]], rkhs_dim, spatial=t[1] == "l") for t in self.terms}
+            )
+        else:
+            self.action_encoder = None
+            kinds = sorted({side for t in self.terms for side in t})
+            self.shared_heads = nn.ModuleDict(
+                {kind: ResidualMLP(in_dim[kind], rkhs_dim, spatial=kind == "l", init="kaiming") for kind in kinds}
+            )
+
+    def _heads(self, term: str) -> tuple[nn.Module, nn.Module]:
+        if self.action_conditioned:
+            return self.anchor_heads[term], self.candidate_heads[term]
+        return self.shared_heads[term[0]], self.shared_heads[term[1]]
 
     def scores(self, anchor: Features, actions: Tensor, candidate: Features) -> dict[str, Tensor]:
         """Score matrices per term, soft-clipped: (P, B, B) for terms with a local side, (B, B) for GG.
@@ -62,19 +78,21 @@ class DIMCritic(nn.Module):
         Shape:
             anchor, candidate: Features of s_t and s_{t+k} (local (B, C, H, W), global (B, D)); actions: (B,).
         """
-        if self.action_encoder is None:
+        if not self.terms:
             return {}
-        emb = self.action_encoder(actions)  # (B, A)
-        h, w = anchor.local.shape[-2:]
-        inputs = {
-            "l": torch.cat([anchor.local, emb[:, :, None, None].expand(-1, -1, h, w)], dim=1),
-            "g": torch.cat([anchor.global_, emb], dim=1),
-        }
+        inputs = {"l": anchor.local, "g": anchor.global_}
+        if self.action_encoder is not None:
+            emb = self.action_encoder(actions)  # (B, action_dim)
+            h, w = anchor.local.shape[-2:]
+            inputs = {
+                "l": torch.cat([anchor.local, emb[:, :, None, None].expand(-1, -1, h, w)], dim=1),
+                "g": torch.cat([anchor.global_, emb], dim=1),
+            }
         targets = {"l": candidate.local, "g": candidate.global_}
         out = {}
         for term in self.terms:
-            u = self.anchor_heads[term](inputs[term[0]])
-            v = self.candidate_heads[term](targets[term[1]])
+            anchor_head, candidate_head = self._heads(term)
+            u, v = anchor_head(inputs[term[0]]), candidate_head(targets[term[1]])
             out[term] = soft_clip(pairwise_scores(u, v) / math.sqrt(self.rkhs_dim), self.clip)
         return out
 

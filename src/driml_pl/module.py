@@ -11,13 +11,17 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from driml_pl.adaptive import ActionPairModel
 from driml_pl.critic import TERMS, DIMCritic
 from driml_pl.envs import NUM_ACTIONS
 from driml_pl.losses import c51_cross_entropy, categorical_projection
 from driml_pl.networks import Features, QNetwork, preprocess
+from driml_pl.remap import effective_actions
 from driml_pl.types import Batch
+
+K_LOGGED = 13  # horizons logged one by one (the paper's cap for DRIML-ada)
 
 
 class DRIML(pl.LightningModule):
@@ -41,6 +45,13 @@ class DRIML(pl.LightningModule):
         action_dim: action embedding width (64).
         rkhs_dim: DIM projection width (512).
         score_clip: soft-clip cap c of the scores, c * tanh(x / c) (20).
+        action_conditioned: False is the DRIML-noact ablation (no action input, shared symmetric heads; set rkhs_dim
+            to 128 as the released code does).
+        adaptive_horizon: build DRIML-ada's action-pair network (linked from data.horizon.mode == adaptive).
+        game: the Procgen game (linked from data.env.game); DRIML-ada's softmax runs over its effective actions.
+        pair_hidden: hidden width of the action-pair network (64).
+        horizon_decay: EMA factor of the continuation matrix, A <- decay * A + (1 - decay) * softmax(Q) (0.9).
+        continuation_eps: continuation probabilities are clipped to [eps, 1 - eps] (0.05).
     """
 
     def __init__(
@@ -62,6 +73,12 @@ class DRIML(pl.LightningModule):
         action_dim: int = 64,
         rkhs_dim: int = 512,
         score_clip: float = 20.0,
+        action_conditioned: bool = True,
+        adaptive_horizon: bool = False,
+        game: str = "bigfish",
+        pair_hidden: int = 64,
+        horizon_decay: float = 0.9,
+        continuation_eps: float = 0.05,
     ) -> None:
         super().__init__()
         if not v_min < v_max or num_atoms < 2:
@@ -70,7 +87,10 @@ class DRIML(pl.LightningModule):
             raise ValueError(f"model.target_update_interval must be >= 1, got {target_update_interval}")
         self.save_hyperparameters()
         self.lambdas = {t: float(getattr(self.hparams, f"lambda_{t}")) for t in TERMS}
-        self.obs_size = tuple(obs_size)
+        self.obs_size: tuple[int, int] = (int(obs_size[0]), int(obs_size[1]))
+        self.support: Tensor
+        self.lr, self.adam_eps, self.max_grad_norm = lr, adam_eps, max_grad_norm
+        self.target_update_interval = target_update_interval
         self.online = QNetwork(3 * frame_stack, self.obs_size, feature_dim, NUM_ACTIONS, num_atoms)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         enc = self.online.encoder
@@ -82,7 +102,13 @@ class DRIML(pl.LightningModule):
             action_dim=action_dim,
             rkhs_dim=rkhs_dim,
             clip=score_clip,
+            action_conditioned=action_conditioned,
         )
+        self.pair_model: ActionPairModel | None = None
+        if adaptive_horizon:
+            visible = torch.zeros(NUM_ACTIONS, dtype=torch.bool)
+            visible[torch.from_numpy(effective_actions(game))] = True
+            self.pair_model = ActionPairModel(pair_hidden, horizon_decay, continuation_eps, visible=visible)
         self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms), persistent=False)
         self._perf: deque[tuple[float, int, int]] = deque(maxlen=100)
 
@@ -122,15 +148,37 @@ class DRIML(pl.LightningModule):
         out["loss"] = out["c51_loss"] + sum(
             (self.lambdas[t] * out[f"nce_{t}"] for t in self.critic.terms), torch.zeros((), device=self.device)
         )
+        if self.pair_model is not None and batch.action_window is not None and batch.pair_valid is not None:
+            # The pair network's parameters are disjoint from the rest, so adding its loss trains it alone.
+            out["pair_loss"] = self.pair_model.loss(batch.action_window, batch.pair_valid)
+            out["loss"] = out["loss"] + out["pair_loss"]
         return out
 
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         out = self.losses(batch)
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, prog_bar=False)
         self.log("train/loss", out["loss"].detach())
-        self.log("train/k_mean", batch.k.float().mean())
+        self._log_horizon(batch)
         self._log_rollout(batch)
         return out["loss"]
+
+    def _log_horizon(self, batch: Batch) -> None:
+        """Batch-mean k, the share of each k (compare the paper's figure: mean k about 1.3-3.1 for DRIML-ada) and,
+        for the adaptive mode, the continuation probabilities."""
+        k = batch.k
+        self.log("horizon/k_mean", k.float().mean())
+        # a fixed key set (k = 0..13, then "over"): Lightning's logging needs the same keys at every step
+        counts = torch.bincount(k.clamp(max=K_LOGGED + 1), minlength=K_LOGGED + 2).float() / k.numel()
+        fractions = {f"horizon/k_frac_{j}": counts[j] for j in range(K_LOGGED + 1)}
+        fractions[f"horizon/k_frac_over{K_LOGGED}"] = counts[K_LOGGED + 1]
+        self.log_dict(fractions)
+        if self.pair_model is not None:
+            probs = self.pair_model.continuation()
+            visible = self.pair_model.visible
+            block = probs[visible][:, visible]
+            self.log("horizon/continuation_mean", block.mean())
+            self.log("horizon/continuation_repeat", block.diagonal().mean())
+            self.log("horizon/continuation_max", block.max())
 
     def _log_rollout(self, batch: Batch) -> None:
         stats, world = batch.stats, self.trainer.world_size
@@ -149,27 +197,46 @@ class DRIML(pl.LightningModule):
             self.log("perf/updates_per_s", (self.global_step - u0) / (now - t0))
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.global_step % self.hparams.target_update_interval == 0:
+        if self.pair_model is not None:
+            self.pair_model.update_matrix()
+        if self.global_step % self.target_update_interval == 0:
             self.sync_target()
+
+    def continuation_matrix(self) -> np.ndarray:
+        """DRIML-ada's current continuation probabilities (15, 15), read by the replay stream."""
+        assert self.pair_model is not None, "only built with adaptive_horizon=true"
+        return self.pair_model.continuation().cpu().numpy()
 
     def sync_target(self) -> None:
         """Hard copy of the online network into the target network."""
         self.target.load_state_dict(self.online.state_dict())
 
     def on_train_epoch_end(self) -> None:
-        stream = getattr(self.trainer.datamodule, "stream", None)
+        stream = getattr(getattr(self.trainer, "datamodule", None), "stream", None)
         if stream is not None and stream.exhausted:
             self.trainer.should_stop = True  # the env-step budget is spent
 
+    def _main_parameters(self) -> list[nn.Parameter]:
+        pair = {id(p) for p in self.pair_model.parameters()} if self.pair_model is not None else set()
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in pair]
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for p in self.parameters() if p.requires_grad]
-        return torch.optim.Adam(params, lr=self.hparams.lr, eps=self.hparams.adam_eps)
+        """Adam over the online network and critic; DRIML-ada's pair network is a second parameter group.
+
+        Adam keeps no state across parameters, so a separate group with the same settings is exactly "its own Adam"
+        (spec §2.6) while Lightning keeps counting one optimizer step per update; it is also left out of clipping.
+        """
+        groups: list[dict[str, Any]] = [{"params": self._main_parameters()}]
+        if self.pair_model is not None:
+            groups.append({"params": list(self.pair_model.parameters())})
+        return torch.optim.Adam(groups, lr=self.lr, eps=self.adam_eps)
 
     def configure_gradient_clipping(
         self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
     ) -> None:
-        # The clip is part of the algorithm (spec §3), so it lives here rather than in the Trainer flags.
-        self.clip_gradients(optimizer, gradient_clip_val=self.hparams.max_grad_norm, gradient_clip_algorithm="norm")
+        # The clip is part of the algorithm (spec §3: global norm 10 over the DRIML parameters), so it lives here
+        # rather than in the Trainer flags. Precision plugins have already unscaled the gradients at this point.
+        nn.utils.clip_grad_norm_(self._main_parameters(), self.max_grad_norm)
 
     # -------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
