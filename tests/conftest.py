@@ -11,16 +11,17 @@ CONF = ROOT / "conf"
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
-def tiny_args(run_dir: Path, budget: int = 512, **extra: object) -> list[str]:
-    """Overrides that turn conf/quickstart.yaml into a run of a few seconds on real Procgen."""
+def tiny_args(run_dir: Path, budget: int = 512, config: Path = CONF / "quickstart.yaml", **extra: object) -> list[str]:
+    """Overrides that turn a config (default conf/quickstart.yaml) into a run of seconds on real Procgen."""
     args = {
-        "--config": str(CONF / "quickstart.yaml"),
+        "--config": str(config),
         "--trainer.default_root_dir": str(run_dir),
         "--trainer.enable_model_summary": "false",
         "--trainer.log_every_n_steps": "1",
         "--data.env.game": "bigfish",
         "--data.env.num_envs": "8",
         "--data.env.num_levels": "20",
+        "--data.eval_episodes": "2",
         "--data.total_env_steps": str(budget),
         "--data.replay_size": "2048",
         "--data.batch_size": "16",

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from conftest import CONF, ROOT, tiny_args
+
 from driml_pl.cli import main
 
 pytestmark = pytest.mark.slow
@@ -62,7 +62,9 @@ def test_resume_continues_counters_and_equals_an_uninterrupted_run(tmp_path):
     assert a["global_step"] == b["global_step"] == 56
     for key, value in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
-    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+    states_a, states_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert len(states_a) == len(states_b) > 0
+    for sa, sb in zip(states_a.values(), states_b.values(), strict=True):
         torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], rtol=0, atol=0)
     rows = read_metrics(split)
     assert last_value(rows, "rollout/env_steps") == 512
@@ -96,7 +98,7 @@ def test_bad_input_gives_one_line_error_nonzero_exit_and_no_output(tmp_path, ove
     assert not run.exists()
 
 
-@pytest.mark.parametrize("config", sorted(CONF.glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("config", sorted(CONF.rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(config):
     proc = subprocess.run(
         [sys.executable, "-m", "driml_pl", "fit", "--config", str(config), "--print_config"],
@@ -105,6 +107,7 @@ def test_every_config_parses(config):
     assert proc.returncode == 0, proc.stderr[-2000:]
     resolved = yaml.safe_load(proc.stdout)
     assert resolved["data"]["env"]["game"] in {"bigfish", "fruitbot"}
+    assert resolved["data"]["total_env_steps"] % resolved["data"]["env"]["num_envs"] == 0
     assert resolved["model"]["num_atoms"] == 51
 
 
@@ -113,10 +116,57 @@ def test_bigfish_config_is_the_paper_setting():
     m, d = cfg["model"], cfg["data"]
     assert (m["lambda_gg"], m["lambda_ll"], m["lambda_lg"], m["lambda_gl"]) == (1.0, 0.0, 0.0, 0.0)
     assert (m["lr"], m["adam_eps"], m["max_grad_norm"], m["target_update_interval"]) == (2.5e-4, 0.01 / 256, 10, 312)
-    assert (d["batch_size"], d["replay_ratio"], d["n_step"], d["gamma"], d["learning_starts"]) == (256, 8, 7, 0.99, 1000)
+    assert (d["batch_size"], d["replay_ratio"], d["n_step"], d["gamma"], d["learning_starts"]) == (
+        256,
+        8,
+        7,
+        0.99,
+        1000,
+    )
     assert d["env"] == {"game": "bigfish", "num_envs": 32, "num_levels": 500, "start_level": 0,
                         "distribution_mode": "easy", "use_sequential_levels": True, "paint_vel_info": True}  # fmt: skip
     assert d["total_env_steps"] == 50_000_000 and d["horizon"] == {"mode": "random", "k": 2}
     c51 = yaml.safe_load((CONF / "c51_bigfish.yaml").read_text())
     assert all(c51["model"][f"lambda_{t}"] == 0.0 for t in ("ll", "lg", "gl", "gg"))
     assert c51["data"] == d | {"horizon": d["horizon"]}
+
+
+EXPECTED_VARIANT = {
+    "c51": "C51",
+    "noact": "DRIML-noact",
+    "randk": "DRIML-randk",
+    "fix": "DRIML-fix",
+    "ada": "DRIML-ada",
+}
+
+
+@pytest.mark.parametrize("variant", sorted(EXPECTED_VARIANT))
+def test_every_paper_variant_runs_end_to_end_and_is_classified(tmp_path, variant):
+    from driml_pl.report import classify
+
+    root = tmp_path / "{game}" / "seed{seed}"
+    args = tiny_args(root, budget=256, config=CONF / "paper" / f"{variant}.yaml", **{"--data.env.game": "coinrun"})
+    main(args)
+    run = tmp_path / "coinrun" / "seed0"  # the templated run directory
+    rows = read_metrics(run)
+    assert last_value(rows, "rollout/env_steps") == 256
+    assert math.isfinite(last_value(rows, "train/c51_loss"))
+    config = yaml.safe_load((run / "logs" / "version_0" / "config.yaml").read_text())
+    assert classify(config) == EXPECTED_VARIANT[variant]
+    nce = [k for k in rows[0] if k.startswith("train/nce_")]
+    assert nce == ([] if variant == "c51" else ["train/nce_gg"])
+    if variant == "ada":
+        k_mean = last_value(rows, "horizon/k_mean")
+        cont = last_value(rows, "horizon/continuation_mean")
+        assert 1.0 <= k_mean <= 13 and 0.05 <= cont <= 0.95
+        assert math.isfinite(last_value(rows, "train/pair_loss"))
+
+
+def test_validate_and_test_play_episodes_from_a_checkpoint(run_dir):
+    main(tiny_args(run_dir, budget=128))
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    for sub in ("validate", "test"):
+        main([sub, *tiny_args(run_dir, budget=128, **{"--ckpt_path": ckpt})[1:]])
+    rows = read_metrics(run_dir)
+    assert 0 <= last_value(rows, "eval/episodes") <= 2
+    assert last_value(rows, "test/episodes") == 2

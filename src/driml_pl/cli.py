@@ -28,10 +28,16 @@ def _next_version(logs: Path) -> str:
     return f"version_{max(taken, default=-1) + 1}"
 
 
+def _is_adaptive(mode: str) -> bool:
+    return mode == "adaptive"
+
+
 class DRIMLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.frame_stack", "model.frame_stack")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
+        parser.link_arguments("data.horizon.mode", "model.adaptive_horizon", compute_fn=_is_adaptive)
+        parser.link_arguments("data.env.game", "model.game")
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Lay the run directory out under ``trainer.default_root_dir`` unless the config sets loggers/checkpoints.
@@ -40,7 +46,7 @@ class DRIMLCLI(LightningCLI):
         version; nothing is overwritten). ``<root>/checkpoints/`` holds last.ckpt, written at every epoch end (every
         ``data.updates_per_epoch`` updates) and at the end of the budget, plus the per-rank stream state.
         """
-        root = Path(config.get("default_root_dir") or "runs/driml")
+        root = Path(self._expand(str(config.get("default_root_dir") or "runs/driml")))
         config["default_root_dir"] = str(root)
         if config.get("logger") in (None, True):
             version = _next_version(root / "logs")
@@ -53,6 +59,11 @@ class DRIMLCLI(LightningCLI):
             last = ModelCheckpoint(root / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1)
             callbacks = [*callbacks, last]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _expand(self, template: str) -> str:
+        """``{game}`` and ``{seed}`` in trainer.default_root_dir become the run's game and seed."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        return template.format(game=config.data.env.game, seed=config.seed_everything)
 
     def before_fit(self) -> None:
         """Check what can fail before anything is written; refuse to start a fresh run on another run's checkpoints."""
@@ -79,6 +90,11 @@ TRAINER_DEFAULTS = {
 
 
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["report"]:
+        from driml_pl.report import main as report_main
+
+        raise SystemExit(report_main(argv[1:]))
     try:
         DRIMLCLI(
             DRIML,
