@@ -1,0 +1,63 @@
+"""nox sessions. `nox` runs tests, lint and typecheck; smoke and bench are opt-in (`nox -s smoke`, `nox -s bench`).
+
+Extra arguments after `--` reach the tool (e.g. `nox -s tests -- -k replay`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.reuse_existing_virtualenvs = True
+
+# 2.13.0 is the CPU build kept on the dev/CI machines' disk; an unpinned torch would pull a multi-GB CUDA build.
+TORCH = os.environ.get("DRIML_TORCH", "torch==2.13.0")
+
+
+def install_project(session: nox.Session) -> None:
+    session.install(TORCH)
+    session.install("-e", ".[dev]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The unit and end-to-end tests (real Procgen), a few minutes on 2 cores."""
+    install_project(session)
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff>=0.4")
+    session.run("ruff", "check", "src", "tests", "benchmarks", "noxfile.py")
+    session.run("ruff", "format", "--check", "src", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy on src/."""
+    install_project(session)
+    session.run("mypy", *session.posargs)
+
+
+@nox.session
+def smoke(session: nox.Session) -> None:
+    """A short real run of conf/quickstart.yaml through the CLI (about a minute)."""
+    install_project(session)
+    root = session.create_tmp()
+    session.run(
+        "python", "-m", "driml_pl", "fit", "--config", "conf/quickstart.yaml",
+        "--trainer.default_root_dir", f"{root}/smoke", "--data.total_env_steps", "4800",
+        "--data.updates_per_epoch", "100", *session.posargs,
+    )  # fmt: skip
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Throughput and memory benchmarks with the paper's network and batch (several minutes)."""
+    install_project(session)
+    session.run("python", "benchmarks/throughput.py", *session.posargs)
+    session.run("python", "benchmarks/replay_memory.py")
