@@ -23,6 +23,8 @@ class DRIMLProgressBar(RichProgressBar):
         for key, label in _SHOWN.items():
             if key in metrics:
                 value = metrics[key]
+                if not isinstance(value, (int, float)):
+                    continue
                 shown[label] = f"{float(value):,.0f}" if label != "return" else f"{float(value):.2f}"
         shown["updates"] = f"{trainer.global_step:,}"
         return shown

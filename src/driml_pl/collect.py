@@ -36,9 +36,7 @@ class EpsilonSchedule:
         return self.start + frac * (self.end - self.start)
 
 
-def epsilon_greedy(
-    rng: np.random.Generator, policy: GreedyPolicy, replay: FrameReplay, epsilon: float
-) -> np.ndarray:
+def epsilon_greedy(rng: np.random.Generator, policy: GreedyPolicy, replay: FrameReplay, epsilon: float) -> np.ndarray:
     """Actions for the newest frame stacks in ``replay``; the network is skipped when every env explores.
 
     The rng is advanced identically whatever the policy returns, so exploration draws do not depend on it.
