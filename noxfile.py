@@ -60,4 +60,5 @@ def bench(session: nox.Session) -> None:
     """Throughput and memory benchmarks with the paper's network and batch (several minutes)."""
     install_project(session)
     session.run("python", "benchmarks/throughput.py", *session.posargs)
+    session.run("python", "benchmarks/throughput.py", "--lambda-gg", "0", *session.posargs)
     session.run("python", "benchmarks/replay_memory.py")

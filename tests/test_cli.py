@@ -50,13 +50,15 @@ def test_fit_honours_budget_logs_finite_losses_and_writes_checkpoint(run_dir):
     assert config["data"]["total_env_steps"] == 512 and config["data"]["frame_stack"] == 1
 
 
-def test_resume_continues_counters_and_equals_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("mode", ["random", "adaptive"])
+def test_resume_continues_counters_and_equals_an_uninterrupted_run(tmp_path, mode):
     whole, split = tmp_path / "whole", tmp_path / "split"
-    main(tiny_args(whole, budget=512))
-    main(tiny_args(split, budget=512, **{"--trainer.max_epochs": 2}))  # stops after 24 updates, an epoch end
+    horizon = {"--data.horizon.mode": mode, "--data.horizon.k": 2 if mode == "random" else 5}
+    main(tiny_args(whole, budget=512, **horizon))
+    main(tiny_args(split, budget=512, **horizon, **{"--trainer.max_epochs": 2}))  # stops after 24 updates
     first = torch.load(split / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert first["global_step"] == 24
-    main(tiny_args(split, budget=512, **{"--ckpt_path": "last"}))
+    main(tiny_args(split, budget=512, **horizon, **{"--ckpt_path": "last"}))
     a = torch.load(whole / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     b = torch.load(split / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert a["global_step"] == b["global_step"] == 56

@@ -65,8 +65,11 @@ class ActionPairModel(nn.Module):
         x = torch.cat([F.one_hot(first, NUM_ACTIONS), F.one_hot(second, NUM_ACTIONS)], dim=-1).float()
         return self.net(x).squeeze(-1)
 
-    def loss(self, actions: Tensor, pair_valid: Tensor) -> Tensor:
+    def loss(self, actions: Tensor, pair_valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """JSD loss on the consecutive pairs of the sampled windows; negatives shuffle the second actions.
+
+        ``generator`` (on the CPU) draws the shuffle; the module seeds it with the update count so that a resumed
+        run draws the same negatives as an uninterrupted one.
 
         Shape:
             actions: (B, K + 1) effective ids; pair_valid: (B, K). Returns: scalar.
@@ -74,7 +77,7 @@ class ActionPairModel(nn.Module):
         first, second = actions[:, :-1][pair_valid], actions[:, 1:][pair_valid]
         if first.numel() < 2:
             return actions.new_zeros((), dtype=torch.float32)
-        shuffled = second[torch.randperm(second.numel(), device=second.device)]
+        shuffled = second[torch.randperm(second.numel(), generator=generator).to(second.device)]
         return jsd_mi_loss(self.score(first, second), self.score(first, shuffled))
 
     @torch.no_grad()

@@ -150,7 +150,8 @@ class DRIML(pl.LightningModule):
         )
         if self.pair_model is not None and batch.action_window is not None and batch.pair_valid is not None:
             # The pair network's parameters are disjoint from the rest, so adding its loss trains it alone.
-            out["pair_loss"] = self.pair_model.loss(batch.action_window, batch.pair_valid)
+            shuffle = torch.Generator().manual_seed(self.global_step)
+            out["pair_loss"] = self.pair_model.loss(batch.action_window, batch.pair_valid, shuffle)
             out["loss"] = out["loss"] + out["pair_loss"]
         return out
 
@@ -185,7 +186,8 @@ class DRIML(pl.LightningModule):
         env_steps = int(stats.env_steps) * world
         self.log("rollout/env_steps", float(env_steps), prog_bar=True, reduce_fx="max")
         self.log("rollout/epsilon", float(stats.epsilon))
-        self.log("rollout/episodes", float(stats.episodes) * world, reduce_fx="sum")
+        # env steps are exact globally (every rank steps alike); episode statistics are this rank's (rank 0 logs)
+        self.log("rollout/episodes", float(stats.episodes))
         if not math.isnan(stats.episode_return):
             self.log("rollout/episode_return", float(stats.episode_return), prog_bar=True)
             self.log("rollout/episode_length", float(stats.episode_length))

@@ -23,11 +23,12 @@ def preprocess(frames: Tensor, size: tuple[int, int]) -> Tensor:
         frames: (B, S, H, W, C) uint8. Returns: (B, S*C, size[0], size[1]) float in [0, 1].
     """
     b, s, h, w, c = frames.shape
-    x = frames.permute(0, 1, 4, 2, 3).reshape(b, s * c, h, w)
-    if (h, w) != tuple(size):
-        rows = (torch.arange(size[0], device=x.device) * h) // size[0]
-        cols = (torch.arange(size[1], device=x.device) * w) // size[1]
-        x = x[:, :, rows[:, None], cols[None, :]]
+    out_h, out_w = size
+    if (h, w) != (out_h, out_w):  # rows of whole HWC pixels are cheaper to gather than single channel planes
+        rows = (torch.arange(out_h, device=frames.device) * h) // out_h
+        cols = (torch.arange(out_w, device=frames.device) * w) // out_w
+        frames = frames.index_select(2, rows).index_select(3, cols)
+    x = frames.permute(0, 1, 4, 2, 3).reshape(b, s * c, out_h, out_w)
     return x.float().div_(255.0)
 
 
