@@ -257,6 +257,11 @@ class DRIMLDataModule(pl.LightningDataModule):
             effective=effective_actions(self.env_config.game),
         )
 
+    def teardown(self, stage: str) -> None:
+        if stage == "fit" and self.stream is not None:
+            self.stream.collector.env.close()
+            self.stream = None
+
     def train_dataloader(self) -> DataLoader:
         assert self.stream is not None, "setup('fit') builds the stream"
         self.stream.bind(self._policy(), self._continuation())

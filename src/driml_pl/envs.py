@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,9 @@ class ProcgenVecEnv:
     def __init__(self, config: EnvConfig, rand_seed: int) -> None:
         from procgen import ProcgenGym3Env  # imported late: importing procgen loads its native library
 
+        # gym3 builds each env inside cffi's dlopen; a garbage collection there that finalises an unreferenced old
+        # env deadlocks on cffi's lock (seen in the test suite). Collect such envs first, outside dlopen.
+        gc.collect()
         self.config = config
         self.num_envs = config.num_envs
         self._env = ProcgenGym3Env(
