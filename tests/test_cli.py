@@ -172,3 +172,12 @@ def test_validate_and_test_play_episodes_from_a_checkpoint(run_dir):
     rows = read_metrics(run_dir)
     assert 0 <= last_value(rows, "eval/episodes") <= 2
     assert last_value(rows, "test/episodes") == 2
+
+
+def test_bf16_mixed_precision_with_every_term_gives_finite_losses(run_dir):
+    terms = {"--model.lambda_ll": 1.0, "--model.lambda_lg": 0.5, "--model.lambda_gl": 0.5}
+    main(tiny_args(run_dir, budget=256, **{"--trainer.precision": "bf16-mixed"}, **terms))
+    rows = read_metrics(run_dir)
+    for key in ("train/c51_loss", "train/nce_ll", "train/nce_lg", "train/nce_gl", "train/nce_gg"):
+        assert math.isfinite(last_value(rows, key)), key
+    assert last_value(rows, "rollout/env_steps") == 256
