@@ -92,7 +92,7 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(run_dir):
 )
 def test_bad_input_gives_one_line_error_nonzero_exit_and_no_output(tmp_path, override, message):
     run = tmp_path / "bad"
-    cmd = [sys.executable, "-m", "driml_pl", *tiny_args(run)[0:1], *tiny_args(run)[1:], *override]
+    cmd = [sys.executable, "-m", "driml_pl", *tiny_args(run), *override]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]

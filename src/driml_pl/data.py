@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from driml_pl.collect import Collector, EpsilonSchedule
-from driml_pl.envs import EnvConfig, ProcgenVecEnv, rank_seeds
+from driml_pl.envs import NUM_ACTIONS, EnvConfig, ProcgenVecEnv, rank_seeds
 from driml_pl.horizon import Horizon, continuation_probs, sample_nhg
 from driml_pl.remap import effective_actions
 from driml_pl.replay import FrameReplay
@@ -69,7 +69,7 @@ class ReplayStream(IterableDataset):
         self.batch_size, self.replay_ratio = batch_size, replay_ratio
         self.learning_starts, self.env_step_budget = learning_starts, env_step_budget
         self.updates_per_epoch, self.epsilon, self.world_size = updates_per_epoch, epsilon, world_size
-        self.effective = effective if effective is not None else np.arange(15)
+        self.effective = effective if effective is not None else np.arange(NUM_ACTIONS)
         self.updates = 0  # batches handed out
         self.policy: GreedyPolicy | None = None
         self.continuation: ContinuationSource | None = None
