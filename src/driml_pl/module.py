@@ -111,6 +111,7 @@ class DRIML(pl.LightningModule):
             self.pair_model = ActionPairModel(pair_hidden, horizon_decay, continuation_eps, visible=visible)
         self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms), persistent=False)
         self._perf: deque[tuple[float, int, int]] = deque(maxlen=100)
+        self._clipped: list[nn.Parameter] = []  # set by configure_optimizers
 
     # ------------------------------------------------------------------------------------------------ acting
     def q_values(self, logits: Tensor) -> Tensor:
@@ -228,7 +229,8 @@ class DRIML(pl.LightningModule):
         Adam keeps no state across parameters, so a separate group with the same settings is exactly "its own Adam"
         (spec §2.6) while Lightning keeps counting one optimizer step per update; it is also left out of clipping.
         """
-        groups: list[dict[str, Any]] = [{"params": self._main_parameters()}]
+        self._clipped = self._main_parameters()  # the same Parameter objects for the whole run
+        groups: list[dict[str, Any]] = [{"params": self._clipped}]
         if self.pair_model is not None:
             groups.append({"params": list(self.pair_model.parameters())})
         return torch.optim.Adam(groups, lr=self.lr, eps=self.adam_eps)
@@ -238,7 +240,7 @@ class DRIML(pl.LightningModule):
     ) -> None:
         # The clip is part of the algorithm (spec §3: global norm 10 over the DRIML parameters), so it lives here
         # rather than in the Trainer flags. Precision plugins have already unscaled the gradients at this point.
-        nn.utils.clip_grad_norm_(self._main_parameters(), self.max_grad_norm)
+        nn.utils.clip_grad_norm_(self._clipped, self.max_grad_norm)
 
     # -------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
