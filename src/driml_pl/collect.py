@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from torch.utils.data import get_worker_info
 
 from driml_pl.envs import NUM_ACTIONS, ProcgenVecEnv
 from driml_pl.replay import FrameReplay
@@ -34,6 +35,15 @@ class EpsilonSchedule:
             return 1.0
         frac = min(1.0, (env_steps - learning_starts) / max(1, self.decay_steps))
         return self.start + frac * (self.end - self.start)
+
+
+def refuse_worker(name: str) -> None:
+    """Env stepping stays in the main process: a DataLoader worker would act on a stale copy of the replay, and
+    Procgen is not fork-safe."""
+    if get_worker_info() is not None:
+        raise RuntimeError(
+            f"{name} must run in the main process (it steps Procgen and owns the replay); use DataLoader(num_workers=0)"
+        )
 
 
 def epsilon_greedy(rng: np.random.Generator, policy: GreedyPolicy, replay: FrameReplay, epsilon: float) -> np.ndarray:

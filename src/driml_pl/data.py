@@ -17,21 +17,14 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset
 
-from driml_pl.collect import Collector, EpsilonSchedule
+from driml_pl.collect import Collector, EpsilonSchedule, refuse_worker
 from driml_pl.envs import NUM_ACTIONS, EnvConfig, ProcgenVecEnv, rank_seeds
 from driml_pl.horizon import Horizon, continuation_probs, sample_nhg
 from driml_pl.remap import effective_actions
 from driml_pl.replay import FrameReplay
 from driml_pl.types import Batch, ContinuationSource, GreedyPolicy, RolloutStats
-
-
-def _refuse_worker(name: str) -> None:
-    if get_worker_info() is not None:
-        raise RuntimeError(
-            f"{name} must run in the main process (it steps Procgen and owns the replay); use DataLoader(num_workers=0)"
-        )
 
 
 class ReplayStream(IterableDataset):
@@ -136,7 +129,7 @@ class ReplayStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[Batch]:
-        _refuse_worker(type(self).__name__)
+        refuse_worker(type(self).__name__)
         if self.policy is None:
             raise RuntimeError("ReplayStream has no policy: call bind(policy) before iterating")
         for _ in range(self.updates_per_epoch):

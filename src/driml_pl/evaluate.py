@@ -6,9 +6,9 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset
 
-from driml_pl.collect import epsilon_greedy
+from driml_pl.collect import epsilon_greedy, refuse_worker
 from driml_pl.envs import EnvConfig, ProcgenVecEnv
 from driml_pl.replay import FrameReplay
 from driml_pl.types import GreedyPolicy
@@ -44,8 +44,7 @@ class EvalEpisodes(IterableDataset):
         return 1
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if get_worker_info() is not None:
-            raise RuntimeError("EvalEpisodes must run in the main process; use DataLoader(num_workers=0)")
+        refuse_worker(type(self).__name__)
         assert self.policy is not None, "bind(policy) before iterating"
         env = ProcgenVecEnv(self.env_config, self.rand_seed)
         n = env.num_envs
