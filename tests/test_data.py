@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
+import torch
 from torch.utils.data import DataLoader
 
 from driml_pl.collect import EpsilonSchedule
@@ -14,8 +14,8 @@ from driml_pl.envs import EnvConfig
 from driml_pl.horizon import Horizon
 
 
-def random_policy(obs: np.ndarray) -> np.ndarray:
-    return np.zeros(len(obs), dtype=np.int64)
+def random_policy(obs: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(len(obs), dtype=torch.int64)
 
 
 def tiny_datamodule(**overrides) -> DRIMLDataModule:
@@ -34,7 +34,7 @@ def tiny_datamodule(**overrides) -> DRIMLDataModule:
     dm = DRIMLDataModule(**kwargs)
     dm.setup("fit")
     assert dm.stream is not None
-    dm.stream.bind(random_policy, (lambda: np.full((15, 15), 0.5)) if dm.horizon.adaptive else None)
+    dm.stream.bind(random_policy, (lambda: torch.full((15, 15), 0.5)) if dm.horizon.adaptive else None)
     return dm
 
 

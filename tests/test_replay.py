@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
-from driml_pl.replay import FrameReplay
+from driml_pl.replay import FrameReplay, ReplaySample
 
 E, STEPS = 3, 90
 
 
-def frame_code(frames: np.ndarray) -> np.ndarray:
+def as_numpy(sample: ReplaySample) -> ReplaySample:
+    return ReplaySample(*(np.asarray(x.cpu()) for x in sample))
+
+
+def frame_code(frames) -> np.ndarray:
     """Decode the absolute time written into a scripted frame (-1 for an all-zero padding frame)."""
+    frames = np.asarray(frames.cpu()) if isinstance(frames, torch.Tensor) else frames
     code = frames[..., 0, 0, 0].astype(np.int64) + 256 * frames[..., 0, 0, 1].astype(np.int64)
     return np.where(frames[..., 0, 0, 2] == 1, code, -1)
 
 
-def scripted(capacity: int, n_step: int = 3, max_k: int = 4, frame_stack: int = 1, gamma: float = 0.9):
+def scripted(
+    capacity: int, n_step: int = 3, max_k: int = 4, frame_stack: int = 1, gamma: float = 0.9, device: str = "cpu"
+):
     """A replay filled with frames that encode their own time, random rewards and frequent terminals."""
     rng = np.random.default_rng(0)
-    replay = FrameReplay(E, capacity, n_step, gamma, max_k, frame_stack)
+    replay = FrameReplay(E, capacity, n_step, gamma, max_k, frame_stack, device)
 
     def frames_at(t: int) -> np.ndarray:
         f = np.zeros((E, 64, 64, 3), dtype=np.uint8)
@@ -64,7 +72,7 @@ def test_nstep_returns_discounts_bootstrap_and_positives_match_reference():
     env = np.repeat(np.arange(E), hi - lo + 1)
     t = np.tile(np.arange(lo, hi + 1), E)
     k = (t % 4) + 1
-    s = replay.gather(env, t, k)
+    s = as_numpy(replay.gather(env, t, k))
     assert (frame_code(s.obs[:, 0]) == t).all()
     assert (frame_code(s.next_obs[:, 0]) == t + n).all()  # s_{t+n}, not s_{t+1}
     assert (s.obs[:, 0, 5, 5, 0] == env).all()
@@ -86,7 +94,7 @@ def test_ring_wraps_and_only_samples_retained_windows():
     replay, _ = scripted(capacity=20, n_step=3, max_k=4)
     lo, hi = replay.valid_range()
     assert (lo, hi) == (STEPS - 20 + 1, STEPS - 4)
-    s = replay.sample(np.random.default_rng(1), 500, np.full(500, 4))
+    s = as_numpy(replay.sample(torch.Generator().manual_seed(1), 500, np.full(500, 4)))
     assert s.t.min() >= lo and s.t.max() <= hi
     assert (frame_code(s.obs[:, 0]) == s.t).all()
     assert (frame_code(s.next_obs[:, 0]) == s.t + 3).all()
@@ -97,7 +105,7 @@ def test_frame_stacks_rebuilt_and_zeroed_before_episode_start():
     lo, hi = replay.valid_range()
     env = np.repeat(np.arange(E), hi - lo + 1)
     t = np.tile(np.arange(lo, hi + 1), E)
-    s = replay.gather(env, t, np.ones_like(t))
+    s = as_numpy(replay.gather(env, t, np.ones_like(t)))
     codes = frame_code(s.obs)  # (B, 4) oldest .. newest
     firsts = np.ones((E, STEPS + 1), dtype=bool)
     firsts[:, 1:] = log["dones"]
@@ -119,10 +127,10 @@ def test_sample_rejects_bad_horizons_and_empty_replay():
     replay = FrameReplay(num_envs=2, capacity=50, n_step=3, gamma=0.99, max_k=2)
     replay.reset(np.zeros((2, 64, 64, 3), dtype=np.uint8))
     with pytest.raises(RuntimeError, match="no complete window"):
-        replay.sample(np.random.default_rng(0), 4, np.ones(4, dtype=np.int64))
+        replay.sample(torch.Generator(), 4, np.ones(4, dtype=np.int64))
     for _ in range(10):
         replay.add(np.zeros(2), np.zeros(2), np.zeros(2, bool), np.zeros((2, 64, 64, 3), np.uint8))
     with pytest.raises(ValueError, match="values in"):
-        replay.sample(np.random.default_rng(0), 4, np.full(4, 3))
+        replay.sample(torch.Generator(), 4, np.full(4, 3))
     with pytest.raises(ValueError, match="replay_size"):
         FrameReplay(num_envs=2, capacity=5, n_step=7, gamma=0.99, max_k=2)

@@ -49,18 +49,21 @@ def refuse_worker(name: str) -> None:
 def epsilon_greedy(rng: np.random.Generator, policy: GreedyPolicy, replay: FrameReplay, epsilon: float) -> np.ndarray:
     """Actions for the newest frame stacks in ``replay``; the network is skipped when every env explores.
 
-    The rng is advanced identically whatever the policy returns, so exploration draws do not depend on it.
+    The rng is advanced identically whatever the policy returns, so exploration draws do not depend on it. The
+    greedy actions are the one device -> host copy of the hot loop (Procgen needs them on the host).
     """
     n = replay.num_envs
     explore = rng.random(n) < epsilon
     random_actions = rng.integers(0, NUM_ACTIONS, size=n)
     if explore.all():
         return random_actions
-    return np.where(explore, random_actions, policy(replay.latest()))
+    greedy = policy(replay.latest()).cpu().numpy()
+    return np.where(explore, random_actions, greedy)
 
 
 class Collector:
-    """Owns one rank's envs and replay; `step` advances every env by one action.
+    """Owns one rank's envs and replay; a vector step is `launch` (act, Procgen steps in its own threads) then
+    `finish` (observe, write the replay, episode statistics), so the learner can run in between.
 
     Args:
         env: the vectorised Procgen envs of this rank.
@@ -73,17 +76,31 @@ class Collector:
         self, env: ProcgenVecEnv, replay: FrameReplay, rng: np.random.Generator, recent_episodes: int = 100
     ) -> None:
         self.env, self.replay, self.rng = env, replay, rng
-        self.env_steps = 0
+        self.env_steps = 0  # completed vector steps x num_envs (a launched step counts once finished)
         self.episodes = 0
         self.recent_returns: deque[float] = deque(maxlen=recent_episodes)
         self.recent_lengths: deque[int] = deque(maxlen=recent_episodes)
         self._ep_return = np.zeros(env.num_envs, dtype=np.float64)
         self._ep_length = np.zeros(env.num_envs, dtype=np.int64)
+        self._pending: np.ndarray | None = None  # actions of a launched, unfinished step
         self.replay.reset(env.observe())
 
-    def step(self, policy: GreedyPolicy, epsilon: float) -> None:
+    @property
+    def pending(self) -> bool:
+        return self._pending is not None
+
+    def launch(self, policy: GreedyPolicy, epsilon: float) -> None:
+        """Choose the actions and start the vector step; Procgen runs it while the caller goes on."""
+        assert self._pending is None, "finish() the launched step first"
         actions = epsilon_greedy(self.rng, policy, self.replay, epsilon)
-        rewards, frames, firsts = self.env.step(actions)
+        self.env.act(actions)
+        self._pending = actions
+
+    def finish(self) -> None:
+        """Wait for the launched step and record it."""
+        assert self._pending is not None, "no step was launched"
+        actions, self._pending = self._pending, None
+        rewards, frames, firsts = self.env.observe_step()
         self.replay.add(actions, rewards, firsts, frames)
         self.env_steps += self.env.num_envs
         self._ep_return += rewards
@@ -95,6 +112,10 @@ class Collector:
         self._ep_return[firsts] = 0.0
         self._ep_length[firsts] = 0
 
+    def step(self, policy: GreedyPolicy, epsilon: float) -> None:
+        self.launch(policy, epsilon)
+        self.finish()
+
     def mean_return(self) -> float:
         return float(np.mean(self.recent_returns)) if self.recent_returns else float("nan")
 
@@ -103,6 +124,8 @@ class Collector:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue: counters, episode accumulators, rng, env emulator state and replay."""
+        if self._pending is not None:
+            raise RuntimeError("a vector step is in flight; checkpoints are taken between steps")
         return {
             "env_steps": self.env_steps,
             "episodes": self.episodes,

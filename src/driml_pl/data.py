@@ -26,9 +26,16 @@ from driml_pl.remap import effective_actions
 from driml_pl.replay import FrameReplay
 from driml_pl.types import Batch, ContinuationSource, GreedyPolicy, RolloutStats
 
+REPLAY_DEVICES = ("auto", "cpu", "cuda")
+
 
 class ReplayStream(IterableDataset):
     """Yields replayed batches, stepping the envs to hold the replay ratio; `__len__` is one epoch's updates.
+
+    Overlap: after handing out batch i the stream already launches the vector step that batch i + 1 needs, so
+    Procgen steps (in its own C++ threads) while Lightning runs update i. The step is finished (observed and written
+    to the replay) at the next ``next()``. The order of every draw and env step is fixed, so runs stay
+    deterministic; no step is left in flight across an epoch end, where checkpoints are taken.
 
     Args:
         collector: this rank's envs + replay.
@@ -42,6 +49,7 @@ class ReplayStream(IterableDataset):
         epsilon: exploration schedule, read with the global env-step count.
         world_size: number of ranks (global env steps = world_size * local).
         effective: (15,) raw -> effective action map of the game (used by the adaptive horizon).
+        sample_seed: seed of the sampling generator (anchors, horizons), which lives on the replay's device.
     """
 
     def __init__(
@@ -56,13 +64,16 @@ class ReplayStream(IterableDataset):
         epsilon: EpsilonSchedule,
         world_size: int = 1,
         effective: np.ndarray | None = None,
+        sample_seed: int = 0,
     ) -> None:
         super().__init__()
         self.collector, self.horizon = collector, horizon
         self.batch_size, self.replay_ratio = batch_size, replay_ratio
         self.learning_starts, self.env_step_budget = learning_starts, env_step_budget
         self.updates_per_epoch, self.epsilon, self.world_size = updates_per_epoch, epsilon, world_size
-        self.effective = effective if effective is not None else np.arange(NUM_ACTIONS)
+        device = collector.replay.device
+        self.effective = torch.as_tensor(effective if effective is not None else np.arange(NUM_ACTIONS)).to(device)
+        self.generator = torch.Generator(device=device).manual_seed(sample_seed)
         self.updates = 0  # batches handed out
         self.policy: GreedyPolicy | None = None
         self.continuation: ContinuationSource | None = None
@@ -81,68 +92,88 @@ class ReplayStream(IterableDataset):
         """True once the budget is spent and no further update is allowed."""
         return self.collector.env_steps >= self.env_step_budget and self.allowed_updates() <= self.updates
 
-    def allowed_updates(self) -> int:
-        """Updates the replay ratio allows after the env steps taken so far on this rank."""
-        collected = self.collector.env_steps - self.learning_starts
+    def allowed_updates(self, env_steps: int | None = None) -> int:
+        """Updates the replay ratio allows after ``env_steps`` (default: those taken so far) on this rank."""
+        steps = self.collector.env_steps if env_steps is None else env_steps
+        collected = steps - self.learning_starts
         return max(0, math.floor(collected * self.replay_ratio / self.batch_size)) if collected >= 0 else 0
 
     def current_epsilon(self) -> float:
         return self.epsilon(self.collector.env_steps * self.world_size, self.learning_starts * self.world_size)
 
-    def _collect_one(self) -> None:
-        assert self.policy is not None
-        self.collector.step(self.policy, self.current_epsilon())
+    def _needs_step(self) -> bool:
+        return self.allowed_updates() <= self.updates or self.collector.replay.num_valid() == 0
 
-    def next_batch(self) -> Batch | None:
-        """Step the envs as the ratio requires and draw one batch; None once the budget is spent."""
-        step = self.collector.env.num_envs
-        replay = self.collector.replay
-        while self.allowed_updates() <= self.updates or replay.num_valid() == 0:
-            if self.collector.env_steps + step > self.env_step_budget:
+    def next_batch(self, launch_next: bool = True) -> Batch | None:
+        """Step the envs as the ratio requires and draw one batch; None once the budget is spent.
+
+        With ``launch_next`` the vector step that the following batch needs is started before returning.
+        """
+        assert self.policy is not None
+        c = self.collector
+        if c.pending:
+            c.finish()
+        step = c.env.num_envs
+        while self._needs_step():
+            if c.env_steps + step > self.env_step_budget:
                 return None
-            self._collect_one()
-        rng = self.collector.rng
-        env, t = replay.sample_anchors(rng, self.batch_size)
+            c.step(self.policy, self.current_epsilon())
+        batch = self._sample()
+        self.updates += 1
+        last = self.updates >= self.allowed_updates(self.env_step_budget)
+        batch = batch._replace(stats=batch.stats._replace(last=last))
+        if launch_next and self._needs_step() and c.env_steps + step <= self.env_step_budget:
+            c.launch(self.policy, self.current_epsilon())
+        return batch
+
+    def _sample(self) -> Batch:
+        replay, gen = self.collector.replay, self.generator
+        env, t = replay.sample_anchors(gen, self.batch_size)
         window = valid = None
         if self.horizon.adaptive:
             assert self.continuation is not None
             raw, valid = replay.action_window(env, t, self.horizon.max_k)
             window = self.effective[raw]
-            k = sample_nhg(rng, continuation_probs(window, valid, self.continuation()))
+            k = sample_nhg(gen, continuation_probs(window, valid, self.continuation().to(replay.device)))
         else:
-            k = self.horizon.sample(rng, self.batch_size)
-        s = replay.gather(env, t, k)
-        self.updates += 1
+            k = self.horizon.sample(gen, self.batch_size)
+        s = replay.gather(env, t, k, check=False)
         c = self.collector
         stats = RolloutStats(c.env_steps, c.episodes, c.mean_return(), c.mean_length(), self.current_epsilon())
         return Batch(
-            obs=torch.from_numpy(s.obs),
-            action=torch.from_numpy(s.action),
-            returns=torch.from_numpy(s.returns),
-            discount=torch.from_numpy(s.discount),
-            next_obs=torch.from_numpy(s.next_obs),
-            positive_obs=torch.from_numpy(s.positive_obs),
-            k=torch.from_numpy(s.k),
+            obs=s.obs,
+            action=s.action,
+            returns=s.returns,
+            discount=s.discount,
+            next_obs=s.next_obs,
+            positive_obs=s.positive_obs,
+            k=s.k,
             stats=stats,
-            action_window=None if window is None else torch.from_numpy(window),
-            pair_valid=None if valid is None else torch.from_numpy(valid),
+            action_window=window,
+            pair_valid=valid,
         )
 
     def __iter__(self) -> Iterator[Batch]:
         refuse_worker(type(self).__name__)
         if self.policy is None:
             raise RuntimeError("ReplayStream has no policy: call bind(policy) before iterating")
-        for _ in range(self.updates_per_epoch):
-            batch = self.next_batch()
+        for i in range(self.updates_per_epoch):
+            # nothing is left in flight after an epoch's last batch: checkpoints are taken there
+            batch = self.next_batch(launch_next=i + 1 < self.updates_per_epoch)
             if batch is None:
                 return
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"updates": self.updates, "collector": self.collector.state_dict()}
+        return {
+            "updates": self.updates,
+            "generator": self.generator.get_state(),
+            "collector": self.collector.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.collector.load_state_dict(state["collector"])
+        self.generator.set_state(torch.as_tensor(state["generator"]))
         self.updates = int(state["updates"])
 
 
@@ -165,6 +196,8 @@ class DRIMLDataModule(pl.LightningDataModule):
         seed: run seed; Procgen's rand_seed and the sampling rng are derived from it and the rank.
         eval_episodes: episodes per validation/test run (one per eval env).
         eval_epsilon: exploration during evaluation (rlpyt default 0.001).
+        replay_device: where the replay lives and is sampled: ``auto`` (the learner's device), ``cpu`` or ``cuda``
+            (the paper's 1M transitions are 12.3 GB: they fit an 80 GB GPU).
     """
 
     def __init__(
@@ -184,6 +217,7 @@ class DRIMLDataModule(pl.LightningDataModule):
         seed: int = 0,  # linked from seed_everything by the CLI
         eval_episodes: int = 16,
         eval_epsilon: float = 0.001,
+        replay_device: str = "auto",
     ) -> None:
         super().__init__()
         self.env_config, self.horizon, self.epsilon = env, horizon, epsilon
@@ -192,7 +226,10 @@ class DRIMLDataModule(pl.LightningDataModule):
                            ("eval_episodes", eval_episodes)):  # fmt: skip
             if value <= 0:
                 raise ValueError(f"data.{key} must be > 0, got {value}")
+        if replay_device not in REPLAY_DEVICES:
+            raise ValueError(f"data.replay_device={replay_device!r} is not allowed; valid: {', '.join(REPLAY_DEVICES)}")
         self.save_hyperparameters()
+        self.replay_device = replay_device
         self.total_env_steps, self.replay_size = total_env_steps, replay_size
         self.batch_size, self.replay_ratio, self.learning_starts = batch_size, replay_ratio, learning_starts
         self.n_step, self.gamma, self.frame_stack = n_step, gamma, frame_stack
@@ -236,7 +273,7 @@ class DRIMLDataModule(pl.LightningDataModule):
         env = ProcgenVecEnv(self.env_config, env_seed)
         capacity = self.replay_size // self.env_config.num_envs
         replay = FrameReplay(self.env_config.num_envs, capacity, self.n_step, self.gamma,
-                             self.horizon.max_k, self.frame_stack)  # fmt: skip
+                             self.horizon.max_k, self.frame_stack, self._replay_device())  # fmt: skip
         self.stream = ReplayStream(
             Collector(env, replay, rng),
             self.horizon,
@@ -248,7 +285,16 @@ class DRIMLDataModule(pl.LightningDataModule):
             epsilon=self.epsilon,
             world_size=world,
             effective=effective_actions(self.env_config.game),
+            sample_seed=int(rng.integers(2**62)),
         )
+
+    def _replay_device(self) -> torch.device:
+        learner = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        if self.replay_device == "auto":
+            return learner
+        if self.replay_device == "cuda" and learner.type != "cuda":
+            raise ValueError(f"data.replay_device=cuda needs the learner on a GPU, but it runs on {learner}")
+        return learner if self.replay_device == "cuda" else torch.device("cpu")
 
     def teardown(self, stage: str) -> None:
         if stage == "fit" and self.stream is not None:
@@ -258,7 +304,8 @@ class DRIMLDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.stream is not None, "setup('fit') builds the stream"
         self.stream.bind(self._policy(), self._continuation())
-        return DataLoader(self.stream, batch_size=None, num_workers=0, pin_memory=torch.cuda.is_available())
+        on_host = self.stream.collector.replay.device.type == "cpu"
+        return DataLoader(self.stream, batch_size=None, num_workers=0, pin_memory=on_host and torch.cuda.is_available())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader(held_out=False)

@@ -83,10 +83,18 @@ class ProcgenVecEnv:
         _, obs, _ = self._env.observe()
         return np.asarray(obs["rgb"])
 
-    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def act(self, actions: np.ndarray) -> None:
+        """Start a step: Procgen steps the games in its own threads and returns at once."""
         self._env.act(np.asarray(actions, dtype=np.int32))
+
+    def observe_step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Wait for the step started by `act`; ``(reward, next_frame, first)``."""
         reward, obs, first = self._env.observe()
         return np.asarray(reward, dtype=np.float32), np.asarray(obs["rgb"]), np.asarray(first, dtype=bool)
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        self.act(actions)
+        return self.observe_step()
 
     def get_state(self) -> list[bytes]:
         """Serialised emulator state of every env (Procgen's own `get_state`), for checkpoints."""

@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import Tensor
 
 HORIZON_MODES = ("fixed", "random", "adaptive")
 
@@ -43,17 +45,18 @@ class Horizon:
     def adaptive(self) -> bool:
         return self.mode == "adaptive"
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> np.ndarray:
-        """k for the fixed and random modes (the adaptive mode needs the actions: `sample_nhg`)."""
+    def sample(self, gen: torch.Generator, batch_size: int) -> Tensor:
+        """k for the fixed and random modes, on the generator's device (the adaptive mode needs the actions:
+        `sample_nhg`)."""
         if self.mode == "fixed":
-            return np.full(batch_size, self.k, dtype=np.int64)
+            return torch.full((batch_size,), self.k, dtype=torch.int64, device=gen.device)
         if self.mode == "random":
-            return rng.integers(1, self.k + 1, size=batch_size)
+            return torch.randint(1, self.k + 1, (batch_size,), generator=gen, device=gen.device)
         raise ValueError("the adaptive horizon depends on the actions; use sample_nhg")
 
 
-def continuation_probs(actions: np.ndarray, pair_valid: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Per-pair continuation probabilities of the NHG process.
+def continuation_probs(actions: Tensor, pair_valid: Tensor, matrix: Tensor) -> Tensor:
+    """Per-pair continuation probabilities of the NHG process (on the device of its inputs).
 
     Shape:
         actions: (B, K + 1) effective actions a_{t-1} .. a_{t+K-1}; pair_valid: (B, K), False where a pair does not
@@ -61,17 +64,18 @@ def continuation_probs(actions: np.ndarray, pair_valid: np.ndarray, matrix: np.n
         Returns: (B, K).
     """
     probs = matrix[actions[:, :-1], actions[:, 1:]]
-    return np.where(pair_valid, probs, 1.0)
+    return torch.where(pair_valid, probs, torch.ones_like(probs))
 
 
-def sample_nhg(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
+def sample_nhg(gen: torch.Generator, probs: Tensor) -> Tensor:
     """k = max(1, number of continuations before the first stop), for per-pair continuation probabilities.
 
     Shape:
         probs: (B, K). Returns: (B,) int64 in [1, K].
     """
-    alive = np.cumprod(rng.random(probs.shape) < probs, axis=1)
-    return np.maximum(1, alive.sum(axis=1)).astype(np.int64)
+    draws = torch.rand(probs.shape, generator=gen, device=probs.device) < probs
+    alive = torch.cumprod(draws.to(torch.int64), dim=1)
+    return alive.sum(dim=1).clamp_(min=1)
 
 
 def nhg_pmf(probs: np.ndarray) -> np.ndarray:

@@ -1,11 +1,16 @@
-"""The DRIML LightningModule: C51 on a Nature-DQN encoder plus lambda-weighted InfoNCE terms (spec §2, §3, §6)."""
+"""The DRIML LightningModule: C51 on a Nature-DQN encoder plus lambda-weighted InfoNCE terms (spec §2, §3, §6).
+
+The update is written out in ``training_step`` (manual optimisation): loss, backward, clip, Adam step, target sync.
+The hot loop keeps the host's work per update small and constant: the loss terms and the histogram of k are added
+to device-side accumulators (no sync), and the metrics are read back and logged only on Lightning's logging steps
+(``trainer.log_every_n_steps``) and at the last update of the budget. ``compile=True`` runs the loss through
+``torch.compile`` (with CUDA graphs on a GPU).
+"""
 
 from __future__ import annotations
 
 import copy
-import math
 import time
-from collections import deque
 from typing import Any
 
 import numpy as np
@@ -22,6 +27,7 @@ from driml_pl.remap import effective_actions
 from driml_pl.types import Batch
 
 K_LOGGED = 13  # horizons logged one by one (the paper's cap for DRIML-ada)
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class DRIML(pl.LightningModule):
@@ -52,6 +58,10 @@ class DRIML(pl.LightningModule):
         pair_hidden: hidden width of the action-pair network (64).
         horizon_decay: EMA factor of the continuation matrix, A <- decay * A + (1 - decay) * softmax(Q) (0.9).
         continuation_eps: continuation probabilities are clipped to [eps, 1 - eps] (0.05).
+        compile: run the loss (forward and backward) through ``torch.compile``; equal to eager within float
+            tolerance. Compiling takes a minute or two at start-up.
+        compile_mode: ``torch.compile`` mode; ``auto`` is ``reduce-overhead`` (CUDA graphs) on a GPU and
+            ``default`` on the CPU.
     """
 
     def __init__(
@@ -79,13 +89,18 @@ class DRIML(pl.LightningModule):
         pair_hidden: int = 64,
         horizon_decay: float = 0.9,
         continuation_eps: float = 0.05,
+        compile: bool = False,
+        compile_mode: str = "auto",
     ) -> None:
         super().__init__()
         if not v_min < v_max or num_atoms < 2:
             raise ValueError(f"need v_min < v_max and num_atoms >= 2, got {v_min}, {v_max}, {num_atoms}")
         if target_update_interval < 1:
             raise ValueError(f"model.target_update_interval must be >= 1, got {target_update_interval}")
+        if compile_mode not in COMPILE_MODES:
+            raise ValueError(f"model.compile_mode={compile_mode!r} is not allowed; valid: {', '.join(COMPILE_MODES)}")
         self.save_hyperparameters()
+        self.automatic_optimization = False  # the update is spelled out in training_step
         self.lambdas = {t: float(getattr(self.hparams, f"lambda_{t}")) for t in TERMS}
         self.obs_size: tuple[int, int] = (int(obs_size[0]), int(obs_size[1]))
         self.support: Tensor
@@ -110,8 +125,18 @@ class DRIML(pl.LightningModule):
             visible[torch.from_numpy(effective_actions(game))] = True
             self.pair_model = ActionPairModel(pair_hidden, horizon_decay, continuation_eps, visible=visible)
         self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms), persistent=False)
-        self._perf: deque[tuple[float, int, int]] = deque(maxlen=100)
         self._clipped: list[nn.Parameter] = []  # set by configure_optimizers
+        self._compile, self._compile_mode = compile, compile_mode
+        self._compiled_losses: Any = None  # torch.compile(core_losses), built in `setup` when compile=True
+        self._metrics = _DeviceMetrics()
+        self._perf: tuple[float, int, int] | None = None  # (time, global env steps, updates) at the last log
+
+    def setup(self, stage: str) -> None:
+        if self._compile and stage == "fit" and self._compiled_losses is None:
+            mode = self._compile_mode
+            if mode == "auto":
+                mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+            self._compiled_losses = torch.compile(self.core_losses, mode=mode)
 
     # ------------------------------------------------------------------------------------------------ acting
     def q_values(self, logits: Tensor) -> Tensor:
@@ -119,96 +144,112 @@ class DRIML(pl.LightningModule):
         return (torch.softmax(logits.float(), dim=-1) * self.support).sum(-1)
 
     @torch.no_grad()
-    def act(self, obs: np.ndarray) -> np.ndarray:
-        """Greedy actions of the online network for uint8 frame stacks (N, S, 64, 64, 3)."""
-        x = preprocess(torch.from_numpy(obs).to(self.device), self.obs_size)
+    def act(self, obs: Tensor) -> Tensor:
+        """Greedy actions of the online network for uint8 frame stacks (N, S, 64, 64, 3); stays on the device."""
+        x = preprocess(obs.to(self.device, non_blocking=True), self.obs_size)
         _, logits = self.online(x)
-        return self.q_values(logits).argmax(-1).cpu().numpy()
+        return self.q_values(logits).argmax(-1)
 
     # ---------------------------------------------------------------------------------------------- learning
-    def losses(self, batch: Batch) -> dict[str, Tensor]:
-        """C51 cross-entropy, one InfoNCE per active term, and diagnostics (all scalars)."""
-        b = batch.action.shape[0]
-        rows = torch.arange(b, device=batch.action.device)
-        frames = torch.cat([batch.obs, batch.positive_obs]) if self.critic.terms else batch.obs
+    def core_losses(
+        self, obs: Tensor, action: Tensor, returns: Tensor, discount: Tensor, next_obs: Tensor, positive_obs: Tensor
+    ) -> dict[str, Tensor]:
+        """C51 cross-entropy, one InfoNCE per active term, ``q_mean`` and their weighted sum ``loss`` (scalars).
+
+        Tensors only (no Python values that change per update), so ``torch.compile`` traces it once.
+        """
+        b = action.shape[0]
+        rows = torch.arange(b, device=action.device)
+        frames = torch.cat([obs, positive_obs]) if self.critic.terms else obs
         features = self.online.encoder(preprocess(frames, self.obs_size))
         logits = self.online.head(features.global_[:b])
         with torch.no_grad():
-            _, next_logits = self.target(preprocess(batch.next_obs, self.obs_size))
+            _, next_logits = self.target(preprocess(next_obs, self.obs_size))
             next_probs = torch.softmax(next_logits.float(), dim=-1)
             greedy = (next_probs * self.support).sum(-1).argmax(-1)  # no double-Q (spec §3)
-            target = categorical_projection(self.support, next_probs[rows, greedy], batch.returns, batch.discount)
-        out = {"c51_loss": c51_cross_entropy(logits[rows, batch.action], target).mean()}
+            target = categorical_projection(self.support, next_probs[rows, greedy], returns, discount)
+        out = {"c51_loss": c51_cross_entropy(logits[rows, action], target).mean()}
+        loss = out["c51_loss"]
         if self.critic.terms:
             anchor = Features(features.local[:b], features.global_[:b])
             positive = Features(features.local[b:], features.global_[b:])
-            for term, value in self.critic(anchor, batch.action, positive).items():
+            for term, value in self.critic(anchor, action, positive).items():
                 out[f"nce_{term}"] = value
+                loss = loss + self.lambdas[term] * value
         with torch.no_grad():
             out["q_mean"] = self.q_values(logits.detach()).mean()
-        out["loss"] = out["c51_loss"] + sum(
-            (self.lambdas[t] * out[f"nce_{t}"] for t in self.critic.terms), torch.zeros((), device=self.device)
-        )
+        out["loss"] = loss
+        return out
+
+    def losses(self, batch: Batch) -> dict[str, Tensor]:
+        """`core_losses` plus DRIML-ada's pair loss (its parameters are disjoint, so adding it trains it alone)."""
+        core = self._compiled_losses or self.core_losses
+        out = dict(core(batch.obs, batch.action, batch.returns, batch.discount, batch.next_obs,
+                                 batch.positive_obs))  # fmt: skip
         if self.pair_model is not None and batch.action_window is not None and batch.pair_valid is not None:
-            # The pair network's parameters are disjoint from the rest, so adding its loss trains it alone.
             shuffle = torch.Generator().manual_seed(self.global_step)
             out["pair_loss"] = self.pair_model.loss(batch.action_window, batch.pair_valid, shuffle)
             out["loss"] = out["loss"] + out["pair_loss"]
         return out
 
-    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Batch, batch_idx: int) -> None:
+        """One update: loss, backward, clip (global norm over the DRIML parameters), Adam, target sync."""
+        if self._compiled_losses is not None and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
+        optimizer = self.optimizers()
+        assert isinstance(optimizer, pl.core.optimizer.LightningOptimizer)
         out = self.losses(batch)
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items() if k != "loss"}, prog_bar=False)
-        self.log("train/loss", out["loss"].detach())
-        self._log_horizon(batch)
-        self._log_rollout(batch)
-        return out["loss"]
-
-    def _log_horizon(self, batch: Batch) -> None:
-        """Batch-mean k, the share of each k (compare the paper's figure: mean k about 1.3-3.1 for DRIML-ada) and,
-        for the adaptive mode, the continuation probabilities."""
-        k = batch.k
-        self.log("horizon/k_mean", k.float().mean())
-        # a fixed key set (k = 0..13, then "over"): Lightning's logging needs the same keys at every step
-        counts = torch.bincount(k.clamp(max=K_LOGGED + 1), minlength=K_LOGGED + 2).float() / k.numel()
-        fractions = {f"horizon/k_frac_{j}": counts[j] for j in range(K_LOGGED + 1)}
-        fractions[f"horizon/k_frac_over{K_LOGGED}"] = counts[K_LOGGED + 1]
-        self.log_dict(fractions)
-        if self.pair_model is not None:
-            probs = self.pair_model.continuation()
-            visible = self.pair_model.visible
-            block = probs[visible][:, visible]
-            self.log("horizon/continuation_mean", block.mean())
-            self.log("horizon/continuation_repeat", block.diagonal().mean())
-            self.log("horizon/continuation_max", block.max())
-
-    def _log_rollout(self, batch: Batch) -> None:
-        stats, world = batch.stats, self.trainer.world_size
-        env_steps = int(stats.env_steps) * world
-        self.log("rollout/env_steps", float(env_steps), prog_bar=True, reduce_fx="max")
-        self.log("rollout/epsilon", float(stats.epsilon))
-        # env steps are exact globally (every rank steps alike); episode statistics are this rank's (rank 0 logs)
-        self.log("rollout/episodes", float(stats.episodes))
-        if not math.isnan(stats.episode_return):
-            self.log("rollout/episode_return", float(stats.episode_return), prog_bar=True)
-            self.log("rollout/episode_length", float(stats.episode_length))
-        now = time.perf_counter()
-        self._perf.append((now, env_steps, self.global_step))
-        t0, e0, u0 = self._perf[0]
-        if now > t0:
-            self.log("perf/env_steps_per_s", (env_steps - e0) / (now - t0), prog_bar=True)
-            self.log("perf/updates_per_s", (self.global_step - u0) / (now - t0))
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(out["loss"])
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # 16-mixed: clip the true gradients
+            scaler.unscale_(optimizer.optimizer)
+        self.clip_driml_gradients()
+        optimizer.step()
         if self.pair_model is not None:
             self.pair_model.update_matrix()
         if self.global_step % self.target_update_interval == 0:
             self.sync_target()
+        self._metrics.add(out, batch.k)
+        if batch.stats.last:
+            self.trainer.should_stop = True  # the budget is spent: this update's metrics are written too
+        if self.trainer._logger_connector.should_update_logs:
+            self._log_metrics(batch)
 
-    def continuation_matrix(self) -> np.ndarray:
+    def _log_metrics(self, batch: Batch) -> None:
+        """Means since the last log of the loss terms and of k, the continuation statistics and the rollout."""
+        values = self._metrics.read_and_reset()
+        self.log_dict({f"train/{k}": v for k, v in values.items() if not k.startswith("horizon/")})
+        self.log_dict({k: v for k, v in values.items() if k.startswith("horizon/")})
+        if self.pair_model is not None:
+            probs = self.pair_model.continuation()
+            visible = self.pair_model.visible
+            block = probs[visible][:, visible]
+            self.log_dict({
+                "horizon/continuation_mean": block.mean(),
+                "horizon/continuation_repeat": block.diagonal().mean(),
+                "horizon/continuation_max": block.max(),
+            })  # fmt: skip
+        stats, world = batch.stats, self.trainer.world_size
+        env_steps = int(stats.env_steps) * world
+        # env steps are exact globally (every rank steps alike); episode statistics are this rank's (rank 0 logs)
+        self.log("rollout/env_steps", float(env_steps), prog_bar=True, reduce_fx="max")
+        self.log("rollout/epsilon", float(stats.epsilon))
+        self.log("rollout/episodes", float(stats.episodes))
+        if not np.isnan(stats.episode_return):
+            self.log("rollout/episode_return", float(stats.episode_return), prog_bar=True)
+            self.log("rollout/episode_length", float(stats.episode_length))
+        now, updates = time.perf_counter(), self.global_step
+        if self._perf is not None and now > self._perf[0]:
+            t0, e0, u0 = self._perf
+            self.log("perf/env_steps_per_s", (env_steps - e0) / (now - t0), prog_bar=True)
+            self.log("perf/updates_per_s", (updates - u0) / (now - t0))
+        self._perf = (now, env_steps, updates)
+
+    def continuation_matrix(self) -> Tensor:
         """DRIML-ada's current continuation probabilities (15, 15), read by the replay stream."""
         assert self.pair_model is not None, "only built with adaptive_horizon=true"
-        return self.pair_model.continuation().cpu().numpy()
+        return self.pair_model.continuation()
 
     def sync_target(self) -> None:
         """Hard copy of the online network into the target network."""
@@ -233,14 +274,13 @@ class DRIML(pl.LightningModule):
         groups: list[dict[str, Any]] = [{"params": self._clipped}]
         if self.pair_model is not None:
             groups.append({"params": list(self.pair_model.parameters())})
-        return torch.optim.Adam(groups, lr=self.lr, eps=self.adam_eps)
+        # on a GPU one fused kernel updates every parameter (same arithmetic as the loop version)
+        fused = True if self.device.type == "cuda" else None
+        return torch.optim.Adam(groups, lr=self.lr, eps=self.adam_eps, fused=fused)
 
-    def configure_gradient_clipping(
-        self, optimizer: Any, gradient_clip_val: Any = None, gradient_clip_algorithm: Any = None
-    ) -> None:
-        # The clip is part of the algorithm (spec §3: global norm 10 over the DRIML parameters), so it lives here
-        # rather than in the Trainer flags. Precision plugins have already unscaled the gradients at this point.
-        nn.utils.clip_grad_norm_(self._clipped, self.max_grad_norm)
+    def clip_driml_gradients(self) -> None:
+        """Global-norm clip over the DRIML parameters (spec §3: 10); DRIML-ada's pair network is left out."""
+        nn.utils.clip_grad_norm_(self._clipped, self.max_grad_norm, foreach=self.device.type == "cuda" or None)
 
     # -------------------------------------------------------------------------------------------- evaluation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
@@ -255,3 +295,39 @@ class DRIML(pl.LightningModule):
             self.log(f"{prefix}/episode_return", returns.mean().item(), batch_size=returns.numel())
             self.log(f"{prefix}/episode_length", batch["episode_length"].double().mean().item())
         self.log(f"{prefix}/episodes", float(returns.numel()))
+
+
+class _DeviceMetrics:
+    """Sums of the per-update scalars and of the k histogram, kept on the device; read back only when logged."""
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.sums: Tensor | None = None
+        self.k_hist: Tensor | None = None
+        self.count = 0
+
+    def add(self, out: dict[str, Tensor], k: Tensor) -> None:
+        values = torch.stack([v.detach().float() for v in out.values()] + [k.float().mean()])
+        if self.sums is None or self.k_hist is None:
+            self.keys = [*out, "horizon/k_mean"]
+            self.sums = torch.zeros_like(values)
+            self.k_hist = torch.zeros(K_LOGGED + 2, dtype=torch.float32, device=k.device)
+        self.sums += values
+        # index_add_ instead of bincount, which reads the maximum back to the host on a GPU
+        bins = k.clamp(max=K_LOGGED + 1)
+        self.k_hist.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float32))
+        self.count += 1
+
+    def read_and_reset(self) -> dict[str, Tensor]:
+        if self.sums is None or self.k_hist is None or self.count == 0:
+            return {}
+        means = self.sums / self.count
+        out = {key: means[i] for i, key in enumerate(self.keys)}
+        hist = self.k_hist / self.k_hist.sum()
+        for j in range(K_LOGGED + 1):
+            out[f"horizon/k_frac_{j}"] = hist[j]
+        out[f"horizon/k_frac_over{K_LOGGED}"] = hist[K_LOGGED + 1]
+        self.sums.zero_()
+        self.k_hist.zero_()
+        self.count = 0
+        return out

@@ -1,4 +1,9 @@
-"""A uint8 frame ring per env stream, sampled with one vectorised index array (no torch in here).
+"""A uint8 frame ring per env stream, on the learner's device, sampled with one vectorised index array.
+
+One torch implementation serves the CPU and the GPU: frames, actions, rewards and flags are tensors on
+``device``, anchors are drawn there with a ``torch.Generator`` of that device, and every window below (n-step
+returns, bootstrap and positive frames, frame stacks) is gathered there. New frames cross the bus once per vector
+step, from a pinned staging buffer. The host keeps only the time counter.
 
 Layout: slot ``t % capacity`` of env ``e`` holds the frame ``s_t`` and, once the env has been stepped from it, the
 action ``a_t``, reward ``r_t`` and ``done_t`` (the episode ended with ``a_t``). ``first_t`` marks the first frame of an
@@ -17,27 +22,31 @@ Each frame is stored once: no next observation, no duplicated stacks (12,288 B o
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from driml_pl.envs import FRAME_SHAPE
 
+ArrayLike = Tensor | np.ndarray
+
 
 class ReplaySample(NamedTuple):
-    obs: np.ndarray  # (B, S, 64, 64, 3) uint8
-    action: np.ndarray  # (B,) int64
-    returns: np.ndarray  # (B,) float32
-    discount: np.ndarray  # (B,) float32
-    next_obs: np.ndarray  # (B, S, 64, 64, 3) uint8
-    positive_obs: np.ndarray  # (B, S, 64, 64, 3) uint8
-    k: np.ndarray  # (B,) int64, effective horizon
-    env: np.ndarray  # (B,) int64, env index (for tests and diagnostics)
-    t: np.ndarray  # (B,) int64, absolute time index of s_t
+    obs: Tensor  # (B, S, 64, 64, 3) uint8
+    action: Tensor  # (B,) int64
+    returns: Tensor  # (B,) float32
+    discount: Tensor  # (B,) float32
+    next_obs: Tensor  # (B, S, 64, 64, 3) uint8
+    positive_obs: Tensor  # (B, S, 64, 64, 3) uint8
+    k: Tensor  # (B,) int64, effective horizon
+    env: Tensor  # (B,) int64, env index (for tests and diagnostics)
+    t: Tensor  # (B,) int64, absolute time index of s_t
 
 
 class FrameReplay:
-    """Per-env rings of frames plus (action, reward, done, first) columns.
+    """Per-env rings of frames plus (action, reward, done, first) columns, all on ``device``.
 
     Args:
         num_envs: parallel env streams (one ring each).
@@ -46,10 +55,18 @@ class FrameReplay:
         gamma: discount.
         max_k: largest InfoNCE horizon that will be asked for.
         frame_stack: frames per observation S, rebuilt from the ring at sample time.
+        device: where the ring lives and is sampled (the learner's device).
     """
 
     def __init__(
-        self, num_envs: int, capacity: int, n_step: int, gamma: float, max_k: int, frame_stack: int = 1
+        self,
+        num_envs: int,
+        capacity: int,
+        n_step: int,
+        gamma: float,
+        max_k: int,
+        frame_stack: int = 1,
+        device: torch.device | str = "cpu",
     ) -> None:
         if n_step < 1 or max_k < 1 or frame_stack < 1:
             raise ValueError("n_step, max_k and frame_stack must all be >= 1")
@@ -61,35 +78,45 @@ class FrameReplay:
             )
         self.num_envs, self.capacity = num_envs, capacity
         self.n_step, self.gamma, self.max_k, self.frame_stack = n_step, gamma, max_k, frame_stack
-        self.frames = np.zeros((num_envs, capacity, *FRAME_SHAPE), dtype=np.uint8)
-        self.actions = np.zeros((num_envs, capacity), dtype=np.uint8)
-        self.rewards = np.zeros((num_envs, capacity), dtype=np.float32)
-        self.dones = np.zeros((num_envs, capacity), dtype=bool)
-        self.firsts = np.zeros((num_envs, capacity), dtype=bool)
+        self.device = torch.device(device)
+        dev = self.device
+        self.frames = torch.zeros((num_envs, capacity, *FRAME_SHAPE), dtype=torch.uint8, device=dev)
+        self.actions = torch.zeros((num_envs, capacity), dtype=torch.uint8, device=dev)
+        self.rewards = torch.zeros((num_envs, capacity), dtype=torch.float32, device=dev)
+        self.dones = torch.zeros((num_envs, capacity), dtype=torch.bool, device=dev)
+        self.firsts = torch.zeros((num_envs, capacity), dtype=torch.bool, device=dev)
         self.t = -1  # absolute time index of the newest frame; -1 before `reset`
-        self._discounts = gamma ** np.arange(n_step, dtype=np.float64)
+        self._discounts = (gamma ** torch.arange(n_step, dtype=torch.float64)).float().to(dev)
+        self._env_ids = torch.arange(num_envs, device=dev)
+        self._window_offsets = torch.arange(self.window, device=dev)
+        self._stack_offsets = torch.arange(frame_stack - 1, -1, -1, device=dev)  # oldest .. newest
+        self._staging = _Staging(num_envs, dev)
 
     @property
     def bytes_per_transition(self) -> int:
         arrays = (self.frames, self.actions, self.rewards, self.dones, self.firsts)
-        return sum(a.nbytes for a in arrays) // (self.num_envs * self.capacity)
+        return sum(a.element_size() * a.numel() for a in arrays) // (self.num_envs * self.capacity)
 
-    def reset(self, frames: np.ndarray) -> None:
+    def reset(self, frames: ArrayLike) -> None:
         """Store the first frames s_0 of every env."""
         self.t = 0
-        self.frames[:, 0] = frames
+        self.frames[:, 0] = self._staging.frames(frames)
         self.firsts[:, 0] = True
 
-    def add(self, actions: np.ndarray, rewards: np.ndarray, dones: np.ndarray, next_frames: np.ndarray) -> None:
-        """Record (a_t, r_t, done_t) for the newest frame s_t of every env, then store s_{t+1}."""
+    def add(self, actions: ArrayLike, rewards: ArrayLike, dones: ArrayLike, next_frames: ArrayLike) -> None:
+        """Record (a_t, r_t, done_t) for the newest frame s_t of every env, then store s_{t+1}.
+
+        Host arrays are uploaded once, without waiting for the device (pinned staging, non-blocking copies).
+        """
         slot = self.t % self.capacity
-        self.actions[:, slot] = actions
-        self.rewards[:, slot] = rewards
-        self.dones[:, slot] = dones
+        a, r, d = self._staging.columns(actions, rewards, dones)
+        self.actions[:, slot] = a
+        self.rewards[:, slot] = r
+        self.dones[:, slot] = d
         self.t += 1
         slot = self.t % self.capacity
-        self.frames[:, slot] = next_frames
-        self.firsts[:, slot] = dones
+        self.frames[:, slot] = self._staging.frames(next_frames)
+        self.firsts[:, slot] = d
 
     def valid_range(self) -> tuple[int, int]:
         """Inclusive [lo, hi] of anchor times t whose stack and whole window are still in the ring."""
@@ -100,42 +127,48 @@ class FrameReplay:
         lo, hi = self.valid_range()
         return max(0, hi - lo + 1) * self.num_envs
 
-    def stacked(self, env: np.ndarray, t: np.ndarray) -> np.ndarray:
+    def _index(self, x: ArrayLike) -> Tensor:
+        return torch.as_tensor(x, dtype=torch.int64).to(self.device)
+
+    def stacked(self, env: ArrayLike, t: ArrayLike) -> Tensor:
         """Frame stacks ending at times ``t`` of envs ``env``: (len(t), S, 64, 64, 3), oldest first.
 
         Frames that precede the first frame of ``s_t``'s episode are zeros.
         """
+        env, t = self._index(env), self._index(t)
         s = self.frame_stack
-        offsets = np.arange(s - 1, -1, -1)  # oldest .. newest
-        times = t[:, None] - offsets[None, :]
+        times = t[:, None] - self._stack_offsets[None, :]
         out = self.frames[env[:, None], times % self.capacity]
         if s > 1:
             # frame t-j is kept iff no episode starts in (t-j, t]: a first at t-i (i < j) cuts everything older.
-            newer_first = self.firsts[env[:, None], (t[:, None] - np.arange(s - 1)[None, :]) % self.capacity]
-            cut = np.cumsum(newer_first, axis=1) > 0  # cut[:, i]: a first at or after t-i
-            keep = np.ones((len(t), s), dtype=bool)
-            keep[:, :-1] = ~cut[:, ::-1]  # column for frame t-j (j >= 1) looks at firsts in (t-j, t]
-            out *= keep[:, :, None, None, None]
+            newer = (t[:, None] - self._stack_offsets.flip(0)[None, : s - 1]) % self.capacity
+            cut = torch.cumsum(self.firsts[env[:, None], newer].int(), dim=1) > 0  # cut[:, i]: a first in [t-i, t]
+            keep = torch.ones((len(t), s), dtype=torch.bool, device=self.device)
+            keep[:, :-1] = ~cut.flip(1)  # column for frame t-j (j >= 1) looks at firsts in (t-j, t]
+            out = out * keep[:, :, None, None, None]
         return out
 
-    def latest(self) -> np.ndarray:
+    def latest(self) -> Tensor:
         """The newest frame stack of every env (what the policy acts on): (N, S, 64, 64, 3)."""
-        env = np.arange(self.num_envs)
-        return self.stacked(env, np.full(self.num_envs, self.t))
+        if self.frame_stack == 1:
+            return self.frames[:, self.t % self.capacity].unsqueeze(1)
+        return self.stacked(self._env_ids, torch.full((self.num_envs,), self.t, device=self.device))
 
-    def sample_anchors(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        """Anchors (env, t) drawn uniformly over envs and valid times."""
+    def sample_anchors(self, gen: torch.Generator, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Anchors (env, t) drawn uniformly over envs and valid times, on the replay's device."""
         lo, hi = self.valid_range()
         if hi < lo:
             raise RuntimeError(f"replay holds no complete window yet (newest t={self.t}, window {self.window})")
-        return rng.integers(0, self.num_envs, size=batch_size), rng.integers(lo, hi + 1, size=batch_size)
+        env = torch.randint(0, self.num_envs, (batch_size,), generator=gen, device=self.device)
+        t = torch.randint(lo, hi + 1, (batch_size,), generator=gen, device=self.device)
+        return env, t
 
-    def sample(self, rng: np.random.Generator, batch_size: int, k: np.ndarray) -> ReplaySample:
+    def sample(self, gen: torch.Generator, batch_size: int, k: ArrayLike) -> ReplaySample:
         """Draw ``batch_size`` anchors uniformly over envs and valid times, with horizons ``k`` (1 <= k <= max_k)."""
-        env, t = self.sample_anchors(rng, batch_size)
+        env, t = self.sample_anchors(gen, batch_size)
         return self.gather(env, t, k)
 
-    def action_window(self, env: np.ndarray, t: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    def action_window(self, env: ArrayLike, t: ArrayLike, length: int) -> tuple[Tensor, Tensor]:
         """Actions a_{t-1} .. a_{t+length-1} and which consecutive pairs lie inside one episode.
 
         Shape:
@@ -144,58 +177,117 @@ class FrameReplay:
         """
         if length > self.window:
             raise ValueError(f"action window {length} exceeds the replay window {self.window}")
-        times = (t[:, None] + np.arange(-1, length)[None, :]) % self.capacity
-        actions = self.actions[env[:, None], times].astype(np.int64)
-        valid = np.empty((len(t), length), dtype=bool)
+        env, t = self._index(env), self._index(t)
+        offsets = torch.arange(-1, length, device=self.device)
+        times = (t[:, None] + offsets[None, :]) % self.capacity
+        actions = self.actions[env[:, None], times].long()
+        valid = torch.empty((len(t), length), dtype=torch.bool, device=self.device)
         valid[:, 0] = ~self.firsts[env, t % self.capacity]
         valid[:, 1:] = ~self.dones[env[:, None], times[:, 1:-1]]
         return actions, valid
 
-    def gather(self, env: np.ndarray, t: np.ndarray, k: np.ndarray) -> ReplaySample:
-        """Build the sample for explicit anchors (env, t) and horizons k. Vectorised over the batch."""
-        if k.shape != t.shape or k.min() < 1 or k.max() > self.max_k:
-            raise ValueError(f"k must have shape {t.shape} with values in [1, {self.max_k}]")
-        window = (t[:, None] + np.arange(self.window)[None, :]) % self.capacity
+    def gather(self, env: ArrayLike, t: ArrayLike, k: ArrayLike, check: bool = True) -> ReplaySample:
+        """Build the sample for explicit anchors (env, t) and horizons k. Vectorised over the batch.
+
+        ``check`` validates k on the host (a device sync); the stream draws k in range and skips it.
+        """
+        env, t, k = self._index(env), self._index(t), self._index(k)
+        if check and (k.shape != t.shape or int(k.min()) < 1 or int(k.max()) > self.max_k):
+            raise ValueError(f"k must have shape {tuple(t.shape)} with values in [1, {self.max_k}]")
+        window = (t[:, None] + self._window_offsets[None, :]) % self.capacity
         rewards = self.rewards[env[:, None], window]
         dones = self.dones[env[:, None], window]
         n = self.n_step
-        alive_after = np.cumprod(~dones, axis=1)  # alive_after[:, j]: no done in t..t+j
-        alive_before = np.ones_like(alive_after)
+        alive_after = torch.cumprod((~dones).float(), dim=1)  # alive_after[:, j]: no done in t..t+j
+        alive_before = torch.ones_like(alive_after)
         alive_before[:, 1:] = alive_after[:, :-1]  # no done in t..t+j-1
-        returns = (rewards[:, :n] * alive_before[:, :n] * self._discounts).sum(axis=1)
+        returns = (rewards[:, :n] * alive_before[:, :n] * self._discounts).sum(dim=1)
         discount = self.gamma**n * alive_after[:, n - 1]
         # steps to the episode's last frame inside the window (window length if it does not end there)
-        end = np.where(dones.any(axis=1), dones.argmax(axis=1), self.window)
-        k_eff = np.minimum(k, end)
-        frames = self.stacked(np.concatenate([env, env, env]), np.concatenate([t, t + n, t + k_eff]))
+        end = torch.where(dones.any(dim=1), dones.int().argmax(dim=1), self.window)
+        k_eff = torch.minimum(k, end)
+        frames = self.stacked(torch.cat([env, env, env]), torch.cat([t, t + n, t + k_eff]))
         b = len(t)
         return ReplaySample(
             obs=frames[:b],
-            action=self.actions[env, t % self.capacity].astype(np.int64),
-            returns=returns.astype(np.float32),
-            discount=discount.astype(np.float32),
+            action=self.actions[env, t % self.capacity].long(),
+            returns=returns,
+            discount=discount,
             next_obs=frames[b : 2 * b],
             positive_obs=frames[2 * b :],
-            k=k_eff.astype(np.int64),
+            k=k_eff,
             env=env,
             t=t,
         )
 
-    def state_dict(self) -> dict[str, np.ndarray | int]:
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The whole ring as host tensors (the checkpoint unit writes them without pickle)."""
         return {
             "t": self.t,
-            "frames": self.frames,
-            "actions": self.actions,
-            "rewards": self.rewards,
-            "dones": self.dones,
-            "firsts": self.firsts,
+            "frames": self.frames.cpu(),
+            "actions": self.actions.cpu(),
+            "rewards": self.rewards.cpu(),
+            "dones": self.dones.cpu(),
+            "firsts": self.firsts.cpu(),
         }
 
-    def load_state_dict(self, state: dict[str, np.ndarray | int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         for name in ("frames", "actions", "rewards", "dones", "firsts"):
-            saved = np.asarray(state[name])
-            mine = getattr(self, name)
-            if saved.shape != mine.shape:
-                raise ValueError(f"saved replay {name} has shape {saved.shape}, this run expects {mine.shape}")
-            mine[...] = saved
+            saved = torch.as_tensor(state[name])
+            mine: Tensor = getattr(self, name)
+            if tuple(saved.shape) != tuple(mine.shape):
+                raise ValueError(f"saved replay {name} has shape {tuple(saved.shape)}, this run expects {mine.shape}")
+            mine.copy_(saved)
         self.t = int(state["t"])
+
+
+class _Staging:
+    """Host -> device uploads of one vector step.
+
+    On CUDA each kind of upload has two pinned buffers used in turn; a buffer is refilled only after the copy that
+    read it (two steps ago, long finished) has completed, so the copies never wait for the device's queue.
+    """
+
+    def __init__(self, num_envs: int, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        shapes = {"frames": ((num_envs, *FRAME_SHAPE), torch.uint8), "columns": ((3, num_envs), torch.float32)}
+        self._buffers: dict[str, list[Tensor]] = {}
+        self._events: dict[str, list[Any]] = {}
+        self._turn: dict[str, int] = {}
+        if self.cuda:
+            for name, (shape, dtype) in shapes.items():
+                self._buffers[name] = [torch.empty(shape, dtype=dtype).pin_memory() for _ in range(2)]
+                self._events[name] = [None, None]
+                self._turn[name] = 0
+
+    def _upload(self, name: str, host: Tensor) -> Tensor:
+        i = self._turn[name]
+        event = self._events[name][i]
+        if event is not None:
+            event.synchronize()
+        buffer = self._buffers[name][i]
+        buffer.copy_(host)
+        out = buffer.to(self.device, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._events[name][i] = event
+        self._turn[name] = 1 - i
+        return out
+
+    def frames(self, frames: ArrayLike) -> Tensor:
+        host = torch.as_tensor(frames)
+        return self._upload("frames", host) if self.cuda else host.to(self.device)
+
+    def columns(self, actions: ArrayLike, rewards: ArrayLike, dones: ArrayLike) -> tuple[Tensor, Tensor, Tensor]:
+        """(action uint8, reward float32, done bool) per env, uploaded as one (3, N) float block."""
+        if not self.cuda:
+            return (
+                torch.as_tensor(np.asarray(actions)).to(torch.uint8),
+                torch.as_tensor(np.asarray(rewards, dtype=np.float32)),
+                torch.as_tensor(np.asarray(dones, dtype=bool)),
+            )
+        host = torch.from_numpy(np.stack([np.asarray(x, dtype=np.float32) for x in (actions, rewards, dones)]))
+        dev = self._upload("columns", host)
+        return dev[0].to(torch.uint8), dev[1], dev[2] > 0.5

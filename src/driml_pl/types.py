@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import NamedTuple, Protocol
 
-import numpy as np
 from torch import Tensor
 
 
@@ -16,6 +15,7 @@ class RolloutStats(NamedTuple):
     episode_return: float  # mean return of the recent finished episodes, nan before the first one
     episode_length: float  # mean length of the same episodes, nan before the first one
     epsilon: float  # exploration rate used for the last env step
+    last: bool = False  # the last update the env-step budget allows
 
 
 class Batch(NamedTuple):
@@ -44,12 +44,13 @@ class Batch(NamedTuple):
 
 
 class ContinuationSource(Protocol):
-    """Returns the current (15, 15) matrix of NHG continuation probabilities (adaptive horizon)."""
+    """Returns the current (15, 15) matrix of NHG continuation probabilities (adaptive horizon), on the learner's
+    device."""
 
-    def __call__(self) -> np.ndarray: ...
+    def __call__(self) -> Tensor: ...
 
 
 class GreedyPolicy(Protocol):
-    """Maps a batch of uint8 frame stacks (N, S, 64, 64, 3) to greedy actions (N,)."""
+    """Maps a batch of uint8 frame stacks (N, S, 64, 64, 3) on the replay's device to greedy actions (N,)."""
 
-    def __call__(self, obs: np.ndarray) -> np.ndarray: ...
+    def __call__(self, obs: Tensor) -> Tensor: ...
