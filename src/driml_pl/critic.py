@@ -3,6 +3,10 @@
 Term names read (s_t side)(s_{t+k} side): ``lg`` scores local(s_t, a_t) against global(s_{t+k}). Local terms run one
 InfoNCE per spatial position, with candidates taken at the same position in the other batch elements; the global
 side of a mixed term is broadcast to every position. GG is computed once (the released code repeats it 54 times).
+
+DRIML-noact (spec §2.8; the released ``infoNCE_Mnih_84x84`` and ``InfoNCE_no_action_loss``) has its own heads per
+term: LL and GG one head each, used on both sides (a symmetric critic); LG and GL a local and a global head each,
+which no other term uses.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from driml_pl.losses import infonce_loss, soft_clip
 from driml_pl.networks import ActionEncoder, Features, ResidualMLP
 
 TERMS: tuple[str, ...] = ("ll", "lg", "gl", "gg")
+KIND_NAMES = {"l": "local", "g": "global"}
 
 
 class DIMCritic(nn.Module):
@@ -29,8 +34,11 @@ class DIMCritic(nn.Module):
         action_dim: action embedding width (64).
         rkhs_dim: projection width (512).
         clip: soft-clip cap for the scores (20).
-        action_conditioned: False builds the DRIML-noact ablation (spec §2.8): no action input, default (Kaiming
-            uniform) init, and one head per feature kind shared by both sides, so LL and GG use a symmetric critic.
+        action_conditioned: False builds the DRIML-noact ablation (spec §2.8) as the released code does: no action
+            input; heads in ``noact_heads``, one per term and side kind (``ll``, ``gg``, ``lg_local``, ``lg_global``,
+            ``gl_global``, ``gl_local``), so LL and GG each use one head on both sides (a symmetric critic) and no
+            head is shared between terms; ``kaiming_uniform_`` (ReLU gain) init with zero biases where the
+            action-conditioned heads are orthogonal (see ``ResidualMLP``). The released width is 128.
     """
 
     def __init__(
@@ -62,15 +70,19 @@ class DIMCritic(nn.Module):
             )
         else:
             self.action_encoder = None
-            kinds = sorted({side for t in self.terms for side in t})
-            self.shared_heads = nn.ModuleDict(
-                {kind: ResidualMLP(in_dim[kind], rkhs_dim, spatial=kind == "l", init="kaiming") for kind in kinds}
+            self.noact_heads = nn.ModuleDict(
+                {
+                    name: ResidualMLP(in_dim[kind], rkhs_dim, spatial=kind == "l", init="kaiming")
+                    for t in self.terms
+                    for name, kind in _noact_head_names(t)
+                }
             )
 
     def _heads(self, term: str) -> tuple[nn.Module, nn.Module]:
         if self.action_conditioned:
             return self.anchor_heads[term], self.candidate_heads[term]
-        return self.shared_heads[term[0]], self.shared_heads[term[1]]
+        names = [name for name, _ in _noact_head_names(term)]  # one name for LL and GG: the same head on both sides
+        return self.noact_heads[names[0]], self.noact_heads[names[-1]]
 
     def scores(self, anchor: Features, actions: Tensor, candidate: Features) -> dict[str, Tensor]:
         """Score matrices per term, soft-clipped: (P, B, B) for terms with a local side, (B, B) for GG.
@@ -99,6 +111,13 @@ class DIMCritic(nn.Module):
     def forward(self, anchor: Features, actions: Tensor, candidate: Features) -> dict[str, Tensor]:
         """InfoNCE loss per term (scalars)."""
         return {t: infonce_loss(s) for t, s in self.scores(anchor, actions, candidate).items()}
+
+
+def _noact_head_names(term: str) -> list[tuple[str, str]]:
+    """DRIML-noact's heads of one term as (name, feature kind), s_t side first: one for LL and GG, two for LG, GL."""
+    if term[0] == term[1]:
+        return [(term, term[0])]
+    return [(f"{term}_{KIND_NAMES[kind]}", kind) for kind in term]
 
 
 def pairwise_scores(u: Tensor, v: Tensor) -> Tensor:

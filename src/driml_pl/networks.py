@@ -39,6 +39,14 @@ def _orthogonal_(layer: nn.Module, gain: float = RELU_GAIN) -> nn.Module:
     return layer
 
 
+def _kaiming_(layer: nn.Module) -> nn.Module:
+    """``kaiming_uniform_(a=0, mode="fan_in", nonlinearity="relu")``: U(-b, b) with b = sqrt(6 / fan_in); bias 0."""
+    nn.init.kaiming_uniform_(layer.weight, a=0, mode="fan_in", nonlinearity="relu")  # type: ignore[arg-type]
+    if getattr(layer, "bias", None) is not None:
+        nn.init.zeros_(layer.bias)  # type: ignore[arg-type]
+    return layer
+
+
 class Features(NamedTuple):
     local: Tensor  # (B, 64, H', W') conv3 after ReLU
     global_: Tensor  # (B, 512) fc before ReLU
@@ -106,26 +114,28 @@ class QNetwork(nn.Module):
 class ResidualMLP(nn.Module):
     """``out(x) = W x + L2(ReLU(L1(x)))`` on vectors, or on every position with 1x1 convs (``spatial=True``).
 
-    Init follows the released code: spatial heads are fully orthogonal (ReLU gain) with a biased skip; vector heads
-    have an orthogonal bias-free skip and default-initialised inner layers. ``init="kaiming"`` is the no-action
-    ablation's default PyTorch init everywhere.
+    Init follows the released code (``ResBlock_conv``, ``ResBlock_fc``): spatial heads pass all three layers through
+    the init function, with a biased skip; vector heads pass only their bias-free skip through it and keep PyTorch's
+    default init for the inner layers. The init function is orthogonal with ReLU gain (``init="orthogonal"``, the
+    action-conditioned heads) or ``kaiming_uniform_`` with ReLU gain (``init="kaiming"``, DRIML-noact's heads), biases
+    zero in both.
     """
 
     def __init__(self, in_dim: int, out_dim: int, spatial: bool, init: str = "orthogonal") -> None:
         super().__init__()
+        inits = {"orthogonal": _orthogonal_, "kaiming": _kaiming_}
+        if init not in inits:
+            raise ValueError(f"unknown head init {init!r}; valid: {', '.join(inits)}")
         if spatial:
             self.l1: nn.Module = nn.Conv2d(in_dim, out_dim, 1)
             self.l2: nn.Module = nn.Conv2d(out_dim, out_dim, 1)
             self.skip: nn.Module = nn.Conv2d(in_dim, out_dim, 1)
-            if init == "orthogonal":
-                for layer in (self.l1, self.l2, self.skip):
-                    _orthogonal_(layer)
+            for layer in (self.l1, self.l2, self.skip):
+                inits[init](layer)
         else:
             self.l1 = nn.Linear(in_dim, out_dim)
             self.l2 = nn.Linear(out_dim, out_dim)
-            self.skip = nn.Linear(in_dim, out_dim, bias=False)
-            if init == "orthogonal":
-                _orthogonal_(self.skip)
+            self.skip = inits[init](nn.Linear(in_dim, out_dim, bias=False))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.skip(x) + self.l2(F.relu(self.l1(x)))
