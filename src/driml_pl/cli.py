@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,14 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from driml_pl.callbacks import DRIMLProgressBar
+from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
 from driml_pl.module import DRIML
 
 
 def _seed(seed_everything: bool | int) -> int:
     if isinstance(seed_everything, bool):
-        raise ValueError("seed_everything must be an integer for driml_pl runs (it seeds Procgen), got a bool")
+        raise ValueError(f"seed_everything={seed_everything} is not allowed: an integer (it seeds Procgen)")
     return int(seed_everything)
 
 
@@ -33,6 +35,39 @@ def _is_adaptive(mode: str) -> bool:
 
 
 class DRIMLCLI(LightningCLI):
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Parse errors raise (no usage dump) so `parse_arguments` can report them in one line; no abbreviated keys,
+        so a misspelt key is refused instead of silently setting another one."""
+        kwargs.setdefault("exit_on_error", False)
+        kwargs.setdefault("allow_abbrev", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check every value (`driml_pl.checks`) before anything is built, printed or written."""
+        given = sys.argv[1:] if args is None else args
+        argv = [str(a) for a in given] if isinstance(given, list | tuple) else []
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            sub = next((a for a in argv if a in self.subcommands()), None)
+            known = self._known_keys(sub)
+            raise ValueError(describe_parse_error(str(err), argv, known)) from None
+        self._check()
+
+    def _known_keys(self, subcommand: str | None) -> list[str]:
+        parsers = getattr(self, "_subcommand_parsers", {})
+        parser = parsers.get(subcommand) if subcommand else self.parser
+        actions = getattr(parser, "_actions", [])
+        return [a.dest for a in actions if a.dest not in ("help", "config", "print_config", "==SUPPRESS==")]
+
+    def _check(self) -> None:
+        subcommand = self.config.get("subcommand")
+        check_config(self.config[subcommand] if subcommand else self.config)
+
+    def before_instantiate_classes(self) -> None:
+        """Check again: a --ckpt_path may have brought the checkpoint's model hyper-parameters in since parsing."""
+        self._check()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.frame_stack", "model.frame_stack")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
