@@ -1,11 +1,19 @@
-"""Learner-only vs end-to-end throughput with the paper's network and batch, measured side by side in one process.
+"""Learner-only vs end-to-end throughput, C51 and DRIML, measured side by side in one process; one table per run.
 
-(a) learner: the DRIML module trained by a Lightning Trainer on one fixed batch (no env, no replay sampling);
-(b) end to end: a real `fit` on Procgen bigfish with 32 envs at replay ratio 8 (one update per 32 env steps);
-(c) pipeline efficiency = (b) / (a). Both skip their first updates (start-up, learning_starts warm-up); (a) runs
-before and after (b) and is averaged.
+For each learner (C51 = every lambda 0; DRIML = lambda_GG 1, DRIML-randk k in {1, 2}):
+(a) learner only: the DRIML module trained by a Lightning ``fit`` on one fixed batch already on the device (no env,
+    no replay), with the real logging (CSV, every ``--log-every`` updates);
+(b) end to end: a real ``fit`` on Procgen bigfish (``--num-envs`` envs, replay ratio ``--replay-ratio``, the replay on
+    the learner's device), same logging;
+(c) pipeline efficiency = (b) / (a);
+(d) host overhead per update: a null learner (no network work, zero loss) through the same real ``fit`` loop with the
+    real data path (Procgen, replay writes, sampling, gathers, acting sync) and the real logging: everything the
+    host does per update that is not the learner's arithmetic; and, for reference, the same null learner on a fixed
+    batch (the Lightning loop alone);
+(e) end-to-end env steps per second.
+(a) runs before and after (b) and is averaged; every rate skips the first ``WARMUP`` updates (start-up, compile).
 
-Usage: python benchmarks/throughput.py [--updates 60] [--lambda-gg 1.0] [--device cpu]
+Usage: python benchmarks/throughput.py [--device cpu|cuda] [--batch 256] [--obs 104 80] [--compile] [--updates 60]
 """
 
 from __future__ import annotations
@@ -13,11 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger
+from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from driml_pl.data import DRIMLDataModule
@@ -25,24 +37,30 @@ from driml_pl.envs import EnvConfig
 from driml_pl.module import DRIML
 from driml_pl.types import Batch, RolloutStats
 
-WARMUP = 5
+WARMUP = 10
 
 
 class Timer(pl.Callback):
-    """Wall time between the end of update WARMUP and the end of the last update."""
+    """Wall time between the end of update WARMUP and the end of the last update (the device drained at both)."""
 
     def __init__(self) -> None:
         self.t0 = self.t1 = 0.0
         self.steps0 = self.steps1 = 0
 
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
-        now = time.perf_counter()
-        if trainer.global_step == WARMUP:
-            self.t0, self.steps0 = now, trainer.global_step
-        self.t1, self.steps1 = now, trainer.global_step
+    def _now(self, pl_module: pl.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
-    def rate(self) -> float:
-        return (self.steps1 - self.steps0) / (self.t1 - self.t0)
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == WARMUP:
+            self.t0, self.steps0 = self._now(pl_module), trainer.global_step
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.t1, self.steps1 = self._now(pl_module), trainer.global_step
+
+    def seconds_per_update(self) -> float:
+        return (self.t1 - self.t0) / max(1, self.steps1 - self.steps0)
 
 
 class FixedBatch(IterableDataset):
@@ -54,66 +72,143 @@ class FixedBatch(IterableDataset):
             yield self.batch
 
 
-def fixed_batch(b: int) -> Batch:
-    def frames() -> torch.Tensor:
-        return torch.randint(0, 256, (b, 1, 64, 64, 3), dtype=torch.uint8)
+class NullDRIML(DRIML):
+    """No network work: a zero loss on one scalar parameter, greedy action 0. What remains is the host's work."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.null = torch.nn.Parameter(torch.zeros(()))
+
+    def core_losses(self, obs: Tensor, action: Tensor, *args: Tensor) -> dict[str, Tensor]:
+        loss = self.null * 0.0
+        return {"c51_loss": loss, "q_mean": loss.detach(), "loss": loss}
+
+    def act(self, obs: Tensor) -> Tensor:
+        return torch.zeros(obs.shape[0], dtype=torch.int64, device=obs.device)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        self._clipped = [self.null]
+        return torch.optim.Adam([self.null], lr=1e-3)
+
+
+def fixed_batch(b: int, device: str) -> Batch:
+    def frames() -> Tensor:
+        return torch.randint(0, 256, (b, 1, 64, 64, 3), dtype=torch.uint8, device=device)
 
     return Batch(
-        frames(), torch.randint(0, 15, (b,)), torch.randn(b), torch.full((b,), 0.99**7), frames(), frames(),
-        torch.ones(b, dtype=torch.long), RolloutStats(0, 0, float("nan"), float("nan"), 0.01),
+        frames(), torch.randint(0, 15, (b,), device=device), torch.randn(b, device=device),
+        torch.full((b,), 0.99**7, device=device), frames(), frames(),
+        torch.randint(1, 3, (b,), device=device), RolloutStats(0, 0, float("nan"), float("nan"), 0.01),
     )  # fmt: skip
 
 
-def trainer(device: str, timer: Timer, max_steps: int) -> pl.Trainer:
+def make_trainer(args: argparse.Namespace, timer: Timer, max_steps: int, log_dir: str) -> pl.Trainer:
     return pl.Trainer(
-        accelerator=device, devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        accelerator=args.device, devices=1, max_steps=max_steps, logger=CSVLogger(log_dir, name="bench"),
+        log_every_n_steps=args.log_every, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, precision=args.precision, callbacks=[timer],
     )  # fmt: skip
 
 
-def learner_rate(args: argparse.Namespace) -> float:
-    timer = Timer()
-    model = DRIML(lambda_gg=args.lambda_gg)
-    loader = DataLoader(FixedBatch(fixed_batch(256), args.updates + WARMUP), batch_size=None)
-    trainer(args.device, timer, args.updates + WARMUP).fit(model, loader)
-    return timer.rate()
+def model(args: argparse.Namespace, lambda_gg: float, null: bool = False) -> DRIML:
+    cls = NullDRIML if null else DRIML
+    return cls(lambda_gg=lambda_gg, obs_size=tuple(args.obs), compile=args.compile)
 
 
-def end_to_end_rate(args: argparse.Namespace) -> float:
+def learner_only(args: argparse.Namespace, lambda_gg: float, log_dir: str, null: bool = False) -> float:
     timer = Timer()
     updates = args.updates + WARMUP
+    loader = DataLoader(FixedBatch(fixed_batch(args.batch, args.device), updates), batch_size=None)
+    make_trainer(args, timer, updates, log_dir).fit(model(args, lambda_gg, null), loader)
+    return timer.seconds_per_update()
+
+
+def end_to_end(args: argparse.Namespace, lambda_gg: float, log_dir: str, null: bool = False) -> float:
+    timer = Timer()
+    updates = args.updates + WARMUP
+    per_update = args.batch / args.replay_ratio  # env steps per update
+    steps = args.learning_starts + per_update * (updates + 1)
+    budget = int(-(-steps // args.num_envs) * args.num_envs)
     data = DRIMLDataModule(
-        env=EnvConfig(game="bigfish", num_envs=32),
-        total_env_steps=1024 + 32 * (updates + 1),
-        replay_size=100_000,
+        env=EnvConfig(game="bigfish", num_envs=args.num_envs),
+        total_env_steps=budget,
+        replay_size=args.replay_size,
+        batch_size=args.batch,
+        replay_ratio=args.replay_ratio,
+        learning_starts=args.learning_starts,
         updates_per_epoch=updates,
     )
-    trainer(args.device, timer, updates).fit(DRIML(lambda_gg=args.lambda_gg), datamodule=data)
-    return timer.rate()
+    make_trainer(args, timer, updates, log_dir).fit(model(args, lambda_gg, null), datamodule=data)
+    return timer.seconds_per_update()
+
+
+def measure(args: argparse.Namespace, name: str, lambda_gg: float, log_dir: str) -> dict[str, Any]:
+    before = learner_only(args, lambda_gg, log_dir)
+    e2e = end_to_end(args, lambda_gg, log_dir)
+    after = learner_only(args, lambda_gg, log_dir)
+    learner = (before + after) / 2
+    per_update = args.batch / args.replay_ratio
+    return {
+        "learner": name,
+        "a_learner_updates_per_s": 1 / learner,
+        "a_before_after": [1 / before, 1 / after],
+        "b_end_to_end_updates_per_s": 1 / e2e,
+        "c_efficiency": learner / e2e,
+        "e_env_steps_per_s": per_update / e2e,
+    }
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} torch threads"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--obs", type=int, nargs=2, default=[104, 80], metavar=("H", "W"))
+    parser.add_argument("--num-envs", type=int, default=32)
+    parser.add_argument("--replay-ratio", type=float, default=8.0)
+    parser.add_argument("--replay-size", type=int, default=100_000)
+    parser.add_argument("--learning-starts", type=int, default=1000)
     parser.add_argument("--updates", type=int, default=60, help="timed updates per measurement")
-    parser.add_argument("--lambda-gg", type=float, default=1.0, help="0 measures the C51 baseline")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--log-every", type=int, default=100, help="trainer.log_every_n_steps")
+    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--compile", action="store_true", help="model.compile=true")
+    parser.add_argument("--learners", default="c51,driml", help="comma-separated subset of c51,driml")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
-    # learner measured before and after the end-to-end run, so warm-up and drift do not favour either side
-    before = learner_rate(args)
-    e2e = end_to_end_rate(args)
-    after = learner_rate(args)
-    learner = (before + after) / 2
-    result = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads",
-        "device": args.device,
-        "lambda_gg": args.lambda_gg,
-        "learner_updates_per_s": round(learner, 3),
-        "learner_before_after": [round(before, 3), round(after, 3)],
-        "end_to_end_updates_per_s": round(e2e, 3),
-        "end_to_end_env_steps_per_s": round(e2e * 32, 1),
-        "pipeline_efficiency": round(e2e / learner, 3),
-    }
-    print(json.dumps(result, indent=2))
+    pl.seed_everything(0, verbose=False)
+    log_dir = tempfile.mkdtemp(prefix="driml_bench_")
+    lambdas = {"c51": 0.0, "driml": 1.0}
+    rows = [measure(args, name, lambdas[name], log_dir) for name in args.learners.split(",")]
+    null_e2e = end_to_end(args, 0.0, log_dir, null=True)
+    null_loop = learner_only(args, 0.0, log_dir, null=True)
+    setting = (
+        f"batch {args.batch}, input {args.obs[0]}x{args.obs[1]}, {args.num_envs} envs, replay ratio "
+        f"{args.replay_ratio:g}, precision {args.precision}, compile {args.compile}, {args.updates} timed updates"
+    )
+    print(f"\n## {device_name(args.device)} (torch {torch.__version__}): {setting}\n")
+    print("| learner | (a) learner updates/s | (b) end-to-end updates/s | (c) = (b)/(a) | (e) env steps/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        a0, a1 = r["a_before_after"]
+        print(
+            f"| {r['learner']} | {r['a_learner_updates_per_s']:.1f} ({a0:.1f} / {a1:.1f}) | "
+            f"{r['b_end_to_end_updates_per_s']:.1f} | {r['c_efficiency']:.2f} | {r['e_env_steps_per_s']:,.0f} |"
+        )
+    print(
+        f"\n(d) host overhead per update (null learner, real fit loop, real data path and logging): "
+        f"{null_e2e * 1e3:.2f} ms ({args.batch / args.replay_ratio / null_e2e:,.0f} env steps/s); "
+        f"of which the Lightning loop and logging alone (null learner, fixed batch): {null_loop * 1e3:.2f} ms\n"
+    )
+    result = {"device": device_name(args.device), "setting": setting, "rows": rows,
+              "d_host_overhead_ms": null_e2e * 1e3, "d_loop_only_ms": null_loop * 1e3}  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -140,7 +140,7 @@ def test_action_pair_model_learns_a_deterministic_successor_and_smooths_the_matr
 
 def test_noact_critic_has_shared_heads_and_ignores_the_action():
     critic = DIMCritic(("gg", "lg"), rkhs_dim=128, action_conditioned=False)
-    assert critic.action_encoder is None and set(critic.shared_heads) == {"g", "l"}
+    assert critic.action_encoder is None and set(critic.noact_heads) == {"gg", "lg_local", "lg_global"}
     enc = NatureEncoder(3, (64, 64), 512)
     f = enc(torch.rand(4, 3, 64, 64))
     a = critic.scores(f, torch.tensor([0, 1, 2, 3]), f)

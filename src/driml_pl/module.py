@@ -150,6 +150,16 @@ class DRIML(pl.LightningModule):
         _, logits = self.online(x)
         return self.q_values(logits).argmax(-1)
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A replay on the learner's device hands out batches that are already there: skip Lightning's generic
+        walk over the batch (a third of a millisecond per update)."""
+        if isinstance(batch, Batch):
+            if batch.obs.device == device:
+                return batch
+            tensors = (x.to(device, non_blocking=True) if isinstance(x, Tensor) else x for x in batch)
+            return Batch(*tensors)
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     # ---------------------------------------------------------------------------------------------- learning
     def core_losses(
         self, obs: Tensor, action: Tensor, returns: Tensor, discount: Tensor, next_obs: Tensor, positive_obs: Tensor
