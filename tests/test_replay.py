@@ -64,9 +64,13 @@ def naive(log, e, t, n, gamma, k):
     return ret, disc, k_eff
 
 
-def test_nstep_returns_discounts_bootstrap_and_positives_match_reference():
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nstep_returns_discounts_bootstrap_and_positives_match_reference(device):
     n, gamma = 3, 0.9
-    replay, log = scripted(capacity=STEPS + 5, n_step=n, gamma=gamma)
+    replay, log = scripted(capacity=STEPS + 5, n_step=n, gamma=gamma, device=device)
     lo, hi = replay.valid_range()
     assert (lo, hi) == (0, STEPS - 4)  # window = max(n, max_k) = 4
     env = np.repeat(np.arange(E), hi - lo + 1)
@@ -90,18 +94,20 @@ def test_nstep_returns_discounts_bootstrap_and_positives_match_reference():
     assert (s.discount == 0).any() and (s.discount > 0).any()
 
 
-def test_ring_wraps_and_only_samples_retained_windows():
-    replay, _ = scripted(capacity=20, n_step=3, max_k=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_ring_wraps_and_only_samples_retained_windows(device):
+    replay, _ = scripted(capacity=20, n_step=3, max_k=4, device=device)
     lo, hi = replay.valid_range()
     assert (lo, hi) == (STEPS - 20 + 1, STEPS - 4)
-    s = as_numpy(replay.sample(torch.Generator().manual_seed(1), 500, np.full(500, 4)))
+    s = as_numpy(replay.sample(torch.Generator(device).manual_seed(1), 500, np.full(500, 4)))
     assert s.t.min() >= lo and s.t.max() <= hi
     assert (frame_code(s.obs[:, 0]) == s.t).all()
     assert (frame_code(s.next_obs[:, 0]) == s.t + 3).all()
 
 
-def test_frame_stacks_rebuilt_and_zeroed_before_episode_start():
-    replay, log = scripted(capacity=STEPS + 5, frame_stack=4)
+@pytest.mark.parametrize("device", DEVICES)
+def test_frame_stacks_rebuilt_and_zeroed_before_episode_start(device):
+    replay, log = scripted(capacity=STEPS + 5, frame_stack=4, device=device)
     lo, hi = replay.valid_range()
     env = np.repeat(np.arange(E), hi - lo + 1)
     t = np.tile(np.arange(lo, hi + 1), E)

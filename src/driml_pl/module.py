@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,9 @@ from driml_pl.losses import c51_cross_entropy, categorical_projection
 from driml_pl.networks import Features, QNetwork, preprocess
 from driml_pl.remap import effective_actions
 from driml_pl.types import Batch
+
+# batches from the replay are already on the learner's device; the module's transfer hook (below) says so
+warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`")
 
 K_LOGGED = 13  # horizons logged one by one (the paper's cap for DRIML-ada)
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -131,12 +135,16 @@ class DRIML(pl.LightningModule):
         self._metrics = _DeviceMetrics()
         self._perf: tuple[float, int, int] | None = None  # (time, global env steps, updates) at the last log
 
-    def setup(self, stage: str) -> None:
-        if self._compile and stage == "fit" and self._compiled_losses is None:
+    def _core(self) -> Any:
+        """`core_losses`, or its compiled form (built at the first update, once the module is on its device)."""
+        if not self._compile:
+            return self.core_losses
+        if self._compiled_losses is None:
             mode = self._compile_mode
             if mode == "auto":
                 mode = "reduce-overhead" if self.device.type == "cuda" else "default"
             self._compiled_losses = torch.compile(self.core_losses, mode=mode)
+        return self._compiled_losses
 
     # ------------------------------------------------------------------------------------------------ acting
     def q_values(self, logits: Tensor) -> Tensor:
@@ -156,8 +164,8 @@ class DRIML(pl.LightningModule):
         if isinstance(batch, Batch):
             if batch.obs.device == device:
                 return batch
-            tensors = (x.to(device, non_blocking=True) if isinstance(x, Tensor) else x for x in batch)
-            return Batch(*tensors)
+            moved: list[Any] = [x.to(device, non_blocking=True) if isinstance(x, Tensor) else x for x in batch]
+            return Batch(*moved)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     # ---------------------------------------------------------------------------------------------- learning
@@ -193,8 +201,7 @@ class DRIML(pl.LightningModule):
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         """`core_losses` plus DRIML-ada's pair loss (its parameters are disjoint, so adding it trains it alone)."""
-        core = self._compiled_losses or self.core_losses
-        out = dict(core(batch.obs, batch.action, batch.returns, batch.discount, batch.next_obs,
+        out = dict(self._core()(batch.obs, batch.action, batch.returns, batch.discount, batch.next_obs,
                                  batch.positive_obs))  # fmt: skip
         if self.pair_model is not None and batch.action_window is not None and batch.pair_valid is not None:
             shuffle = torch.Generator().manual_seed(self.global_step)

@@ -1,0 +1,87 @@
+"""The hot loop: the compiled update equals the eager one, metrics are logged only on logging steps and at the exact
+end of the budget, and the device-side accumulators give the means of what was logged."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_args
+
+from driml_pl.cli import main
+from driml_pl.module import DRIML, _DeviceMetrics
+from driml_pl.types import Batch, RolloutStats
+
+
+def fixed_batch(b: int = 16) -> Batch:
+    gen = torch.Generator().manual_seed(0)
+
+    def frames() -> torch.Tensor:
+        return torch.randint(0, 256, (b, 1, 64, 64, 3), dtype=torch.uint8, generator=gen)
+
+    return Batch(
+        frames(), torch.randint(0, 15, (b,), generator=gen), torch.randn(b, generator=gen),
+        torch.full((b,), 0.99**3), frames(), frames(), torch.randint(1, 3, (b,), generator=gen),
+        RolloutStats(0, 0, math.nan, math.nan, 0.1),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_compiled_loss_and_gradients_equal_eager_on_cpu():
+    torch.manual_seed(0)
+    model = DRIML(lambda_gg=1.0, lambda_ll=0.5, obs_size=(64, 64), feature_dim=64, rkhs_dim=32)
+    b = fixed_batch()
+    args = (b.obs, b.action, b.returns, b.discount, b.next_obs, b.positive_obs)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run(fn):
+        model.zero_grad(set_to_none=True)
+        out = fn(*args)
+        out["loss"].backward()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+        return {k: v.detach() for k, v in out.items()}, grads
+
+    eager, eager_grads = run(model.core_losses)
+    compiled, compiled_grads = run(torch.compile(model.core_losses))
+    assert set(eager) == set(compiled) == {"c51_loss", "nce_gg", "nce_ll", "q_mean", "loss"}
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6)
+    for g_compiled, g_eager in zip(compiled_grads, eager_grads, strict=True):
+        torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in eager_grads)
+
+
+def test_device_metrics_are_means_over_the_updates_since_the_last_log():
+    metrics = _DeviceMetrics()
+    metrics.add({"c51_loss": torch.tensor(1.0), "loss": torch.tensor(3.0)}, torch.tensor([1, 1, 2, 2]))
+    metrics.add({"c51_loss": torch.tensor(2.0), "loss": torch.tensor(5.0)}, torch.tensor([1, 2, 2, 15]))
+    out = metrics.read_and_reset()
+    assert out["c51_loss"].item() == pytest.approx(1.5)
+    assert out["loss"].item() == pytest.approx(4.0)
+    assert out["horizon/k_mean"].item() == pytest.approx((1.5 + 5.0) / 2)  # exact k, not the capped bucket
+    assert out["horizon/k_frac_1"].item() == pytest.approx(3 / 8)
+    assert out["horizon/k_frac_2"].item() == pytest.approx(4 / 8)
+    assert out["horizon/k_frac_over13"].item() == pytest.approx(1 / 8)
+    assert metrics.read_and_reset() == {}  # reset: nothing accumulated since
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    (csv_path,) = run_dir.glob("logs/version_*/metrics.csv")
+    with csv_path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_metrics_are_logged_on_logging_steps_and_at_the_exact_budget(run_dir):
+    # 8 envs, batch 16, ratio 2: one update per vector step after 64 warm-up steps; 456 steps -> 49 updates
+    main(tiny_args(run_dir, budget=456, **{"--trainer.log_every_n_steps": "10", "--data.updates_per_epoch": "100"}))
+    rows = [r for r in read_metrics(run_dir) if r.get("train/c51_loss")]
+    steps = [int(r["step"]) for r in rows]
+    assert steps == [9, 19, 29, 39, 48]  # Lightning's logging steps (every 10th update) and the last update
+    last = rows[-1]
+    assert float(last["rollout/env_steps"]) == 456  # the metrics at the exact budget are written
+    assert float(last["horizon/k_frac_1"]) + float(last["horizon/k_frac_2"]) == pytest.approx(1.0)
+    assert 1.0 <= float(last["horizon/k_mean"]) <= 2.0
