@@ -154,6 +154,18 @@ def check_config(cfg: Any) -> None:
     require("data.batch_size", lambda v: not _number(replay_size) or v <= replay_size, fits)
     _check_replay_window(get)
 
+    # --- evaluation (issue 9)
+    for key in ("data.eval_every_env_steps", "data.eval_test_levels", "data.eval_video_every"):
+        require(key, lambda v: _number(v) and v >= 0, "an integer >= 0 (0: off)")
+    positive(("data.eval_max_steps", "data.eval_video_frames"))
+    every = get("data.eval_every_env_steps")
+    require(
+        "trainer.check_val_every_n_epoch",
+        lambda v: not (_number(every) and every > 0) or v == 1,
+        f"1 while data.eval_every_env_steps={_show(every)} (Lightning checks validation at every epoch end and "
+        "the env-step schedule decides), or set data.eval_every_env_steps 0",
+    )
+
 
 def _check_replay_window(get: Any) -> None:
     """The replay's rule (FrameReplay): slots per env must exceed max(n_step, k) + frame_stack."""

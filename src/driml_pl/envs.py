@@ -96,6 +96,10 @@ class ProcgenVecEnv:
         self.act(actions)
         return self.observe_step()
 
+    def level_seeds(self) -> np.ndarray:
+        """The level seed each env is playing now, as Procgen reports it: (N,) int64."""
+        return np.array([int(info["level_seed"]) for info in self._env.get_info()], dtype=np.int64)
+
     def get_state(self) -> list[bytes]:
         """Serialised emulator state of every env (Procgen's own `get_state`), for checkpoints."""
         return list(self._env.callmethod("get_state"))
