@@ -53,7 +53,7 @@ class Timer(pl.Callback):
         return time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        if trainer.global_step == WARMUP:
+        if self.steps0 == 0 and trainer.global_step >= WARMUP:
             self.t0, self.steps0 = self._now(pl_module), trainer.global_step
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -64,12 +64,14 @@ class Timer(pl.Callback):
 
 
 class FixedBatch(IterableDataset):
-    def __init__(self, batch: Batch, updates: int) -> None:
-        self.batch, self.updates = batch, updates
+    """The same minibatch, ``per_step`` times per Lightning step (as the stream groups them)."""
 
-    def __iter__(self) -> Iterator[Batch]:
-        for _ in range(self.updates):
-            yield self.batch
+    def __init__(self, batch: Batch, updates: int, per_step: int) -> None:
+        self.batch, self.steps, self.per_step = batch, updates // per_step, per_step
+
+    def __iter__(self) -> Iterator[tuple[Batch, ...]]:
+        for _ in range(self.steps):
+            yield (self.batch,) * self.per_step
 
 
 class NullDRIML(DRIML):
@@ -83,8 +85,9 @@ class NullDRIML(DRIML):
         loss = self.null * 0.0
         return {"c51_loss": loss, "q_mean": loss.detach(), "loss": loss}
 
-    def act(self, obs: Tensor) -> Tensor:
-        return torch.zeros(obs.shape[0], dtype=torch.int64, device=obs.device)
+    def act_actor(self, obs: Tensor) -> Tensor:
+        self._wait_actor()
+        return torch.zeros(obs.shape[0], dtype=torch.int64, device=obs.device).cpu()
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         self._clipped = [self.null]
@@ -118,15 +121,16 @@ def model(args: argparse.Namespace, lambda_gg: float, null: bool = False) -> DRI
 
 def learner_only(args: argparse.Namespace, lambda_gg: float, log_dir: str, null: bool = False) -> float:
     timer = Timer()
-    updates = args.updates + WARMUP
-    loader = DataLoader(FixedBatch(fixed_batch(args.batch, args.device), updates), batch_size=None)
+    updates = args.updates + args.warmup
+    loader = DataLoader(FixedBatch(fixed_batch(args.batch, args.device), updates, args.per_step), batch_size=None,
+                        collate_fn=lambda b: b)  # fmt: skip
     make_trainer(args, timer, updates, log_dir).fit(model(args, lambda_gg, null), loader)
     return timer.seconds_per_update()
 
 
 def end_to_end(args: argparse.Namespace, lambda_gg: float, log_dir: str, null: bool = False) -> float:
     timer = Timer()
-    updates = args.updates + WARMUP
+    updates = args.updates + args.warmup
     per_update = args.batch / args.replay_ratio  # env steps per update
     steps = args.learning_starts + per_update * (updates + 1)
     budget = int(-(-steps // args.num_envs) * args.num_envs)
@@ -138,6 +142,7 @@ def end_to_end(args: argparse.Namespace, lambda_gg: float, log_dir: str, null: b
         replay_ratio=args.replay_ratio,
         learning_starts=args.learning_starts,
         updates_per_epoch=updates,
+        updates_per_batch=args.per_step,
     )
     make_trainer(args, timer, updates, log_dir).fit(model(args, lambda_gg, null), datamodule=data)
     return timer.seconds_per_update()
@@ -178,9 +183,12 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=100, help="trainer.log_every_n_steps")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--compile", action="store_true", help="model.compile=true")
+    parser.add_argument("--per-step", type=int, default=1, help="data.updates_per_batch (updates per Lightning step)")
     parser.add_argument("--learners", default="c51,driml", help="comma-separated subset of c51,driml")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
+    args.updates = -(-args.updates // args.per_step) * args.per_step
+    args.warmup = -(-WARMUP // args.per_step) * args.per_step
     pl.seed_everything(0, verbose=False)
     torch._dynamo.config.cache_size_limit = 64  # one compile per fresh module instance below
     log_dir = tempfile.mkdtemp(prefix="driml_bench_")
@@ -190,7 +198,8 @@ def main() -> None:
     null_loop = learner_only(args, 0.0, log_dir, null=True)
     setting = (
         f"batch {args.batch}, input {args.obs[0]}x{args.obs[1]}, {args.num_envs} envs, replay ratio "
-        f"{args.replay_ratio:g}, precision {args.precision}, compile {args.compile}, {args.updates} timed updates"
+        f"{args.replay_ratio:g}, precision {args.precision}, compile {args.compile}, {args.per_step} updates per "
+        f"Lightning step, {args.updates} timed updates"
     )
     print(f"\n## {device_name(args.device)} (torch {torch.__version__}): {setting}\n")
     print("| learner | (a) learner updates/s | (b) end-to-end updates/s | (c) = (b)/(a) | (e) env steps/s |")

@@ -43,7 +43,7 @@ def test_budget_is_honoured_exactly_and_updates_follow_the_replay_ratio():
     stream = dm.stream
     batches = []
     for _epoch in range(10):
-        epoch = list(stream)
+        epoch = [b for step in stream for b in step]
         batches += epoch
         assert len(epoch) <= 25
         if stream.exhausted:
@@ -82,9 +82,26 @@ def test_epsilon_schedule():
 
 
 def test_same_seed_same_batches():
-    a = next(iter(tiny_datamodule().stream))
-    b = next(iter(tiny_datamodule().stream))
+    (a,) = next(iter(tiny_datamodule().stream))
+    (b,) = next(iter(tiny_datamodule().stream))
     for x, y in zip(a[:7], b[:7], strict=True):
         assert (x == y).all()
-    c = next(iter(tiny_datamodule(seed=1).stream))
+    (c,) = next(iter(tiny_datamodule(seed=1).stream))
     assert not (a.obs == c.obs).all()
+
+
+def test_k_minibatches_per_step_follow_the_same_schedule_as_one():
+    """updates_per_batch groups the minibatches; the env steps and replay-ratio accounting stay per minibatch."""
+    one = tiny_datamodule(updates_per_epoch=24)
+    seven = tiny_datamodule(updates_per_epoch=24, updates_per_batch=6)
+    flat_one = [b for _ in range(5) for step in one.stream for b in step]
+    steps = [step for _ in range(5) for step in seven.stream]
+    assert [len(step) for step in steps] == [6] * 15  # 90 updates in steps of 6
+    flat_seven = [b for step in steps for b in step]
+    assert len(flat_one) == len(flat_seven) == 90
+    for x, y in zip(flat_one, flat_seven, strict=True):  # same policy (zeros): same data, same draws
+        assert x.stats.env_steps == y.stats.env_steps
+        assert (x.obs == y.obs).all() and (x.k == y.k).all()
+    assert flat_seven[-1].stats.last and not flat_seven[-2].stats.last
+    with pytest.raises(ValueError, match="updates_per_batch"):
+        tiny_datamodule(updates_per_epoch=25, updates_per_batch=6)

@@ -57,8 +57,11 @@ class ActionPairModel(nn.Module):
         self.register_buffer("matrix", torch.rand(NUM_ACTIONS, NUM_ACTIONS, generator=gen))
         mask = torch.ones(NUM_ACTIONS, dtype=torch.bool) if visible is None else visible.bool()
         self.register_buffer("visible", mask, persistent=False)
+        # clip(A) as of the last `snapshot_continuation`: what the data stream samples horizons with
+        self.register_buffer("continuation_snapshot", self.matrix.clamp(eps, 1.0 - eps))
         self.matrix: Tensor
         self.visible: Tensor
+        self.continuation_snapshot: Tensor
 
     def score(self, first: Tensor, second: Tensor) -> Tensor:
         """Q(a, a') for pairs of effective action ids. Shape: (N,), (N,) -> (N,)."""
@@ -88,6 +91,10 @@ class ActionPairModel(nn.Module):
         q = self.score(first.reshape(-1), second.reshape(-1)).view(NUM_ACTIONS, NUM_ACTIONS)
         q = q.masked_fill(~self.visible[None, :], float("-inf"))
         self.matrix.mul_(self.decay).add_((1.0 - self.decay) * torch.softmax(q, dim=1))
+
+    @torch.no_grad()
+    def snapshot_continuation(self) -> None:
+        self.continuation_snapshot.copy_(self.continuation())
 
     @torch.no_grad()
     def continuation(self) -> Tensor:

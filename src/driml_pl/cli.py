@@ -1,19 +1,29 @@
-"""`python -m driml_pl fit|validate|test --config conf/....yaml`: LightningCLI with the project's defaults."""
+"""`python -m driml_pl fit|validate|test --config conf/....yaml`: LightningCLI with the project's defaults.
+
+Also `python -m driml_pl report RUNS... --out DIR` (`driml_pl.report`) and `python -m driml_pl plot RUN_DIR`
+(`driml_pl.plots`).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
+import logging
 import sys
+import warnings
 from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import lazy_instance
 from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks.progress import ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from rich.console import Console
 
-from driml_pl.callbacks import DRIMLProgressBar
+from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
 from driml_pl.module import DRIML
@@ -38,6 +48,7 @@ class DRIMLCLI(LightningCLI):
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Parse errors raise (no usage dump) so `parse_arguments` can report them in one line; no abbreviated keys,
         so a misspelt key is refused instead of silently setting another one."""
+        quiet_warnings()
         kwargs.setdefault("exit_on_error", False)
         kwargs.setdefault("allow_abbrev", False)
         return super().init_parser(**kwargs)
@@ -62,7 +73,11 @@ class DRIMLCLI(LightningCLI):
 
     def _check(self) -> None:
         subcommand = self.config.get("subcommand")
-        check_config(self.config[subcommand] if subcommand else self.config)
+        config = self.config[subcommand] if subcommand else self.config
+        check_config(config)
+        project = config.get("wandb_project")
+        if project and importlib.util.find_spec("wandb") is None:
+            raise ValueError(f"wandb_project={project} is not allowed: wandb is not installed (pip install wandb)")
 
     def before_instantiate_classes(self) -> None:
         """Check again: a --ckpt_path may have brought the checkpoint's model hyper-parameters in since parsing."""
@@ -73,6 +88,19 @@ class DRIMLCLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
         parser.link_arguments("data.horizon.mode", "model.adaptive_horizon", compute_fn=_is_adaptive)
         parser.link_arguments("data.env.game", "model.game")
+        parser.add_argument(
+            "--wandb_project",
+            type=str | None,
+            default=None,
+            help="also log to Weights & Biases under this project (needs `pip install wandb`)",
+        )
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """`validate`/`test` print the project's table (`after_validate`), not Lightning's, unless --verbose true."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("validate", "test"):
+            parser.set_defaults(verbose=False)
+        return parser
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         """Lay the run directory out under ``trainer.default_root_dir`` unless the config sets loggers/checkpoints.
@@ -80,24 +108,42 @@ class DRIMLCLI(LightningCLI):
         ``<root>/logs/version_N/`` holds config.yaml, metrics.csv and TensorBoard events (a resume opens a new
         version; nothing is overwritten). ``<root>/checkpoints/`` holds last.ckpt, written at every epoch end (every
         ``data.updates_per_epoch`` updates) and at the end of the budget, plus the per-rank stream state.
+        ``<root>/videos/`` holds evaluation GIFs, ``<root>/plot.png`` the run's plot. The run's progress bar is added
+        unless ``enable_progress_bar`` is false (or another bar is given).
         """
         root = Path(self._expand(str(config.get("default_root_dir") or "runs/driml")))
         config["default_root_dir"] = str(root)
         if config.get("logger") in (None, True):
             version = _next_version(root / "logs")
-            config["logger"] = [
+            loggers: list[Logger] = [
                 CSVLogger(root, name="logs", version=version),
                 TensorBoardLogger(root, name="logs", version=version),
             ]
-        given = [c for c in (config.get("callbacks") or []) + callbacks if isinstance(c, ModelCheckpoint)]
-        if not given and config.get("enable_checkpointing") is not False:
-            last = ModelCheckpoint(root / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1)
+            project = self._subconfig().get("wandb_project")
+            if project:
+                from pytorch_lightning.loggers import WandbLogger
+
+                loggers.append(WandbLogger(project=project, save_dir=str(root / "logs"), name=root.name))
+            config["logger"] = loggers
+        given = (config.get("callbacks") or []) + callbacks
+        if not any(isinstance(c, ModelCheckpoint) for c in given) and config.get("enable_checkpointing") is not False:
+            last = ModelCheckpoint(
+                root / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1, save_on_train_epoch_end=True
+            )
             callbacks = [*callbacks, last]
+        if not any(isinstance(c, ProgressBar) for c in given) and config.get("enable_progress_bar") is not False:
+            callbacks = [*callbacks, DRIMLProgressBar()]
+        for kind in (EvalVideos, RunPlot):
+            if not any(isinstance(c, kind) for c in given):
+                callbacks = [*callbacks, kind()]
         return super()._instantiate_trainer(config, callbacks)
+
+    def _subconfig(self) -> Any:
+        return self.config[self.subcommand] if self.subcommand else self.config
 
     def _expand(self, template: str) -> str:
         """``{game}`` and ``{seed}`` in trainer.default_root_dir become the run's game and seed."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._subconfig()
         return template.format(game=config.data.env.game, seed=config.seed_everything)
 
     def before_fit(self) -> None:
@@ -113,15 +159,46 @@ class DRIMLCLI(LightningCLI):
                     "or pick another --trainer.default_root_dir"
                 )
 
+    def after_validate(self) -> None:
+        self._print_eval_table("eval")
+
+    def after_test(self) -> None:
+        self._print_eval_table("test")
+
+    def _print_eval_table(self, prefix: str) -> None:
+        if self.trainer.is_global_zero:
+            from driml_pl.evaluate import eval_table
+
+            config = self._subconfig()
+            table = eval_table(self.trainer.callback_metrics, prefix, config.as_dict(), config.get("ckpt_path"))
+            Console(width=None if sys.stdout.isatty() else 120).print(table)  # a log file gets the whole table
+
 
 TRAINER_DEFAULTS = {
     "default_root_dir": "runs/driml",
     "max_epochs": -1,  # the env-step budget (data.total_env_steps) ends the run
     "num_sanity_val_steps": 0,
-    "check_val_every_n_epoch": 1,
+    "check_val_every_n_epoch": 1,  # Lightning checks at every epoch end; data.eval_every_env_steps decides
     "log_every_n_steps": 50,
-    "callbacks": [lazy_instance(DRIMLProgressBar)],
 }
+
+
+class _DropTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_warnings() -> None:
+    """Silence what a user cannot act on (listed in the README): Lightning's notice that the replay stream (an
+    IterableDataset) has ``__len__`` (it must: its epochs have a length, and it runs in the main process), torch's
+    LeafSpec deprecation raised inside Lightning, Lightning's litlogger advert, and gym's "unmaintained" banner,
+    printed to stderr when procgen imports gym (procgen needs gym < 1.0)."""
+    warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTip())
+    if "gym" not in sys.modules and importlib.util.find_spec("gym") is not None:
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gym  # noqa: F401
 
 
 def main(args: list[str] | None = None) -> None:
@@ -130,6 +207,15 @@ def main(args: list[str] | None = None) -> None:
         from driml_pl.report import main as report_main
 
         raise SystemExit(report_main(argv[1:]))
+    if argv[:1] == ["plot"]:
+        from driml_pl.plots import main as plot_main
+
+        raise SystemExit(plot_main(argv[1:]))
+    if argv[:1] == ["grid"]:
+        from driml_pl.launch import main as grid_main
+
+        raise SystemExit(grid_main(argv[1:]))
+    quiet_warnings()
     try:
         DRIMLCLI(
             DRIML,

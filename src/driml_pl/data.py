@@ -7,16 +7,18 @@ update ahead of ``training_step``. The stream stops exactly at the env-step budg
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, IterableDataset
 
 from driml_pl.collect import Collector, EpsilonSchedule, refuse_worker
@@ -26,7 +28,11 @@ from driml_pl.remap import effective_actions
 from driml_pl.replay import FrameReplay
 from driml_pl.types import Batch, ContinuationSource, GreedyPolicy, RolloutStats
 
+if TYPE_CHECKING:
+    from driml_pl.evaluate import LevelSet
+
 REPLAY_DEVICES = ("auto", "cpu", "cuda")
+StepBatch = tuple[Batch, ...]  # the minibatches of one Lightning step, in order
 
 
 class ReplayStream(IterableDataset):
@@ -50,6 +56,9 @@ class ReplayStream(IterableDataset):
         world_size: number of ranks (global env steps = world_size * local).
         effective: (15,) raw -> effective action map of the game (used by the adaptive horizon).
         sample_seed: seed of the sampling generator (anchors, horizons), which lives on the replay's device.
+        updates_per_batch: minibatches handed out per ``next()`` (per Lightning step), each drawn right after the
+            env steps it needs; the actors act with one policy snapshot per ``next()`` (paper: 7, i.e. 7 x 32 env
+            steps collected, then 7 updates).
     """
 
     def __init__(
@@ -65,8 +74,15 @@ class ReplayStream(IterableDataset):
         world_size: int = 1,
         effective: np.ndarray | None = None,
         sample_seed: int = 0,
+        updates_per_batch: int = 1,
     ) -> None:
         super().__init__()
+        if updates_per_epoch % updates_per_batch:
+            raise ValueError(
+                f"data.updates_per_epoch={updates_per_epoch} is not allowed: it must be a multiple of "
+                f"data.updates_per_batch={updates_per_batch}"
+            )
+        self.updates_per_batch = updates_per_batch
         self.collector, self.horizon = collector, horizon
         self.batch_size, self.replay_ratio = batch_size, replay_ratio
         self.learning_starts, self.env_step_budget = learning_starts, env_step_budget
@@ -74,18 +90,28 @@ class ReplayStream(IterableDataset):
         device = collector.replay.device
         self.effective = torch.as_tensor(effective if effective is not None else np.arange(NUM_ACTIONS)).to(device)
         self.generator = torch.Generator(device=device).manual_seed(sample_seed)
-        self.updates = 0  # batches handed out
+        self.updates = 0  # minibatches handed out
         self.policy: GreedyPolicy | None = None
         self.continuation: ContinuationSource | None = None
+        self.refresh: Callable[[], None] | None = None
+        # on a GPU the whole data path (uploads, acting, sampling, gathers) runs on its own CUDA stream, so it never
+        # queues behind the learner's kernels; the learner's stream waits for each batch on the device
+        self.cuda_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def bind(self, policy: GreedyPolicy, continuation: ContinuationSource | None = None) -> None:
-        """Attach the acting policy and, for the adaptive horizon, the source of continuation probabilities."""
+    def bind(
+        self,
+        policy: GreedyPolicy,
+        continuation: ContinuationSource | None = None,
+        refresh: Callable[[], None] | None = None,
+    ) -> None:
+        """Attach the acting policy, for the adaptive horizon the source of continuation probabilities, and the
+        callback that refreshes the policy's snapshot of the learner (called once per ``next()``)."""
         if self.horizon.adaptive and continuation is None:
             raise ValueError("data.horizon.mode=adaptive needs a model with adaptive_horizon=true (the CLI links it)")
-        self.policy, self.continuation = policy, continuation
+        self.policy, self.continuation, self.refresh = policy, continuation, refresh
 
     def __len__(self) -> int:
-        return self.updates_per_epoch
+        return self.updates_per_epoch // self.updates_per_batch
 
     @property
     def exhausted(self) -> bool:
@@ -105,9 +131,9 @@ class ReplayStream(IterableDataset):
         return self.allowed_updates() <= self.updates or self.collector.replay.num_valid() == 0
 
     def next_batch(self, launch_next: bool = True) -> Batch | None:
-        """Step the envs as the ratio requires and draw one batch; None once the budget is spent.
+        """Step the envs as the ratio requires and draw one minibatch; None once the budget is spent.
 
-        With ``launch_next`` the vector step that the following batch needs is started before returning.
+        With ``launch_next`` the vector step that the following minibatch needs is started before returning.
         """
         assert self.policy is not None
         c = self.collector
@@ -125,6 +151,28 @@ class ReplayStream(IterableDataset):
         if launch_next and self._needs_step() and c.env_steps + step <= self.env_step_budget:
             c.launch(self.policy, self.current_epsilon())
         return batch
+
+    def next_batches(self, launch_next: bool = True) -> StepBatch:
+        """Up to ``updates_per_batch`` minibatches (fewer at the end of the budget, none once it is spent), then the
+        policy snapshot is refreshed for the next call."""
+        batches: list[Batch] = []
+        stream = self.cuda_stream
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for i in range(self.updates_per_batch):
+                batch = self.next_batch(launch_next=launch_next or i + 1 < self.updates_per_batch)
+                if batch is None:
+                    break
+                batches.append(batch)
+        if stream is not None:  # the learner's stream waits for the gathers on the device, not the host
+            learner = torch.cuda.current_stream(stream.device)
+            learner.wait_stream(stream)
+            for batch in batches:
+                for x in batch:
+                    if isinstance(x, torch.Tensor):
+                        x.record_stream(learner)
+        if self.refresh is not None:
+            self.refresh()
+        return tuple(batches)
 
     def _sample(self) -> Batch:
         replay, gen = self.collector.replay, self.generator
@@ -153,16 +201,17 @@ class ReplayStream(IterableDataset):
             pair_valid=valid,
         )
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[StepBatch]:
         refuse_worker(type(self).__name__)
         if self.policy is None:
             raise RuntimeError("ReplayStream has no policy: call bind(policy) before iterating")
-        for i in range(self.updates_per_epoch):
+        steps = len(self)
+        for i in range(steps):
             # nothing is left in flight after an epoch's last batch: checkpoints are taken there
-            batch = self.next_batch(launch_next=i + 1 < self.updates_per_epoch)
-            if batch is None:
+            batches = self.next_batches(launch_next=i + 1 < steps)
+            if not batches:
                 return
-            yield batch
+            yield batches
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -194,10 +243,24 @@ class DRIMLDataModule(pl.LightningDataModule):
         epsilon: exploration schedule (paper: 0.1 -> 0.01 over 1e5 env steps).
         updates_per_epoch: updates per Lightning epoch (epoch-end hooks and checkpoints can fire there).
         seed: run seed; Procgen's rand_seed and the sampling rng are derived from it and the rank.
-        eval_episodes: episodes per validation/test run (one per eval env).
+        eval_episodes: episodes per level set per evaluation (one per eval env; split over ranks, at least one each).
         eval_epsilon: exploration during evaluation (rlpyt default 0.001).
         replay_device: where the replay lives and is sampled: ``auto`` (the learner's device), ``cpu`` or ``cuda``
             (the paper's 1M transitions are 12.3 GB: they fit an 80 GB GPU).
+        updates_per_batch: updates per Lightning step (K). The stream hands out K minibatches at once, each drawn
+            right after the env steps it needs, and the actors act with one snapshot of the learner per step: the
+            paper's schedule with K = 7 (7 x 32 env steps collected, then 7 updates). Amortises Lightning's per-step
+            overhead; ``updates_per_epoch`` must be a multiple of it and ``trainer.log_every_n_steps`` counts steps.
+        eval_every_env_steps: during ``fit``, evaluate on the training and held-out levels at the first epoch end
+            after every multiple of this many global env steps, and once more when the budget is spent (0: no
+            evaluation during fit; ``validate``/``test`` still work).
+        eval_test_levels: held-out levels: 0 means the full level distribution (``num_levels: 0``); N > 0 means the
+            N levels right after the training range (``start_level + num_levels`` onwards).
+        eval_max_steps: step cap of an evaluation episode; the return up to the cap counts and capped episodes are
+            counted (``eval/*_capped``); with sequential levels a good agent's episode may not end by itself.
+        eval_video_every: record episode 0 of each level set as a GIF at every N-th evaluation period during fit
+            (and at the end of the budget), and in every ``validate``/``test`` (0: no videos).
+        eval_video_frames: at most this many frames per video.
     """
 
     def __init__(
@@ -218,6 +281,12 @@ class DRIMLDataModule(pl.LightningDataModule):
         eval_episodes: int = 16,
         eval_epsilon: float = 0.001,
         replay_device: str = "auto",
+        updates_per_batch: int = 1,
+        eval_every_env_steps: int = 0,
+        eval_test_levels: int = 0,
+        eval_max_steps: int = 27_000,
+        eval_video_every: int = 0,
+        eval_video_frames: int = 2_000,
     ) -> None:
         super().__init__()
         self.env_config, self.horizon, self.epsilon = env, horizon, epsilon
@@ -230,11 +299,16 @@ class DRIMLDataModule(pl.LightningDataModule):
             raise ValueError(f"data.replay_device={replay_device!r} is not allowed; valid: {', '.join(REPLAY_DEVICES)}")
         self.save_hyperparameters()
         self.replay_device = replay_device
+        self.updates_per_batch = updates_per_batch
         self.total_env_steps, self.replay_size = total_env_steps, replay_size
         self.batch_size, self.replay_ratio, self.learning_starts = batch_size, replay_ratio, learning_starts
         self.n_step, self.gamma, self.frame_stack = n_step, gamma, frame_stack
         self.updates_per_epoch, self.seed = updates_per_epoch, seed
         self.eval_episodes, self.eval_epsilon = eval_episodes, eval_epsilon
+        self.eval_every_env_steps, self.eval_test_levels = eval_every_env_steps, eval_test_levels
+        self.eval_max_steps, self.eval_video_every = eval_max_steps, eval_video_every
+        self.eval_video_frames = eval_video_frames
+        self._eval_marks: tuple[int, int, int] | None = None  # env steps at the last eval, last video, last final
         self.stream: ReplayStream | None = None
 
     # ----------------------------------------------------------------------------------------------- set-up
@@ -253,7 +327,7 @@ class DRIMLDataModule(pl.LightningDataModule):
 
     def _continuation(self) -> ContinuationSource | None:
         module = self._attached().lightning_module
-        return module.continuation_matrix if getattr(module, "pair_model", None) is not None else None  # type: ignore[return-value]
+        return module.continuation_snapshot if getattr(module, "pair_model", None) is not None else None  # type: ignore[return-value]
 
     def check_budget(self, world_size: int) -> None:
         """The budget is honoured exactly, so it must split into whole vector steps on every rank."""
@@ -282,6 +356,7 @@ class DRIMLDataModule(pl.LightningDataModule):
             learning_starts=math.ceil(self.learning_starts / world),
             env_step_budget=self.total_env_steps // world,
             updates_per_epoch=self.updates_per_epoch,
+            updates_per_batch=self.updates_per_batch,
             epsilon=self.epsilon,
             world_size=world,
             effective=effective_actions(self.env_config.game),
@@ -303,27 +378,75 @@ class DRIMLDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         assert self.stream is not None, "setup('fit') builds the stream"
-        self.stream.bind(self._policy(), self._continuation())
+        module = self._attached().lightning_module
+        # the actors act with the learner's snapshot, refreshed once per Lightning step (see DRIML.sync_actor)
+        self.stream.bind(module.act_actor, self._continuation(), module.sync_actor)  # type: ignore[arg-type]
         on_host = self.stream.collector.replay.device.type == "cpu"
-        return DataLoader(self.stream, batch_size=None, num_workers=0, pin_memory=on_host and torch.cuda.is_available())
+        pin = on_host and torch.cuda.is_available()
+        return DataLoader(self.stream, batch_size=None, num_workers=0, pin_memory=pin, collate_fn=_as_is)
 
     def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(held_out=False)
+        """Training and held-out levels in one validation pass; during ``fit`` gated by `_eval_gate`."""
+        if self.stream is not None:  # fit (Lightning builds this loader at the start, after a resume's restore)
+            steps = self.stream.collector.env_steps * self._rank()[1]
+            self._eval_marks = (steps, steps, -1)  # the schedule counts from here
+        return self._eval_loader(seed_offset=1, gate=self._eval_gate)
 
     def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(held_out=True)
+        """The same protocol as `val_dataloader` on other episodes (other eval seeds)."""
+        return self._eval_loader(seed_offset=3, gate=self._eval_gate)
 
-    def _eval_loader(self, held_out: bool) -> DataLoader:
+    def _eval_loader(self, seed_offset: int, gate: Callable[[], tuple[bool, int, int]]) -> DataLoader:
         from driml_pl.evaluate import EvalEpisodes
 
-        rank, _ = self._rank()
-        cfg = asdict(self.env_config) | {"num_envs": self.eval_episodes}
-        if held_out:  # unseen levels: the full level distribution, random order
-            cfg |= {"num_levels": 0, "start_level": 0, "use_sequential_levels": False}
-        env_seed, _ = rank_seeds(self.seed + 10_000 * (2 if held_out else 1), rank)
-        episodes = EvalEpisodes(EnvConfig(**cfg), env_seed, self.frame_stack, self.eval_epsilon, self.seed)
+        episodes = EvalEpisodes(self._level_sets(seed_offset), self.frame_stack, self.eval_epsilon,
+                                self.eval_max_steps, gate)  # fmt: skip
         episodes.bind(self._policy())
-        return DataLoader(episodes, batch_size=None, num_workers=0)
+        # its own generator: DataLoader.__iter__ draws a seed, which would otherwise come from torch's global RNG
+        return DataLoader(episodes, batch_size=None, num_workers=0, generator=torch.Generator().manual_seed(0))
+
+    def _level_sets(self, seed_offset: int) -> list[LevelSet]:
+        """The training levels and the held-out levels, each with fixed seeds per (run seed, rank, offset)."""
+        from driml_pl.evaluate import LevelSet, rank_share
+
+        rank, world = self._rank()
+        train = replace(self.env_config, num_envs=max(1, rank_share(self.eval_episodes, rank, world)))
+        if self.eval_test_levels > 0:
+            first = train.start_level + train.num_levels
+            held_out = replace(train, start_level=first, num_levels=self.eval_test_levels)
+        else:
+            held_out = replace(train, start_level=0, num_levels=0)
+        sets = []
+        for i, (name, cfg) in enumerate((("train_levels", train), ("test_levels", held_out))):
+            env_seed, rng_seed = np.random.SeedSequence([self.seed, rank, seed_offset + i]).generate_state(2)
+            sets.append(LevelSet(name, cfg, int(env_seed & 0x7FFFFFFF), int(rng_seed)))
+        return sets
+
+    def _eval_gate(self) -> tuple[bool, int, int]:
+        """Whether this validation run plays, how many frames to record, and the run's global env steps.
+
+        Outside ``fit`` (``validate``/``test``) it always plays. During ``fit`` Lightning checks validation at every
+        epoch end and at the budget's last update; evaluation is due when a multiple of ``eval_every_env_steps``
+        was crossed since the last one, or when the budget is spent (once).
+        """
+        trainer, stream = self.trainer, self.stream
+        marks = self._eval_marks
+        record = self.eval_video_frames if self.eval_video_every > 0 else 0
+        if trainer is None or stream is None or trainer.state.fn != TrainerFn.FITTING:
+            return True, record, -1
+        steps = stream.collector.env_steps * trainer.world_size
+        if self.eval_every_env_steps <= 0 or marks is None:
+            return False, 0, steps
+        last_eval, last_video, last_final = marks
+        every = self.eval_every_env_steps
+        final = stream.exhausted or trainer.should_stop
+        due = steps // every > last_eval // every or (final and steps != last_final and steps != last_eval)
+        if not due:
+            return False, 0, steps
+        period = every * max(1, self.eval_video_every)
+        video = self.eval_video_every > 0 and (steps // period > last_video // period or final)
+        self._eval_marks = (steps, steps if video else last_video, steps if final else last_final)
+        return True, record if video else 0, steps
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -368,6 +491,11 @@ class DRIMLDataModule(pl.LightningDataModule):
     @staticmethod
     def _stream_file(ckpt_dir: Path, rank: int) -> Path:
         return ckpt_dir / "stream" / f"rank{rank}.pt"
+
+
+def _as_is(batch: Any) -> Any:
+    """The stream yields finished batches: no collation walk over them."""
+    return batch
 
 
 def _to_torch(obj: Any) -> Any:

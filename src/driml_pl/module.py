@@ -66,6 +66,8 @@ class DRIML(pl.LightningModule):
             tolerance. Compiling takes a minute or two at start-up.
         compile_mode: ``torch.compile`` mode; ``auto`` is ``reduce-overhead`` (CUDA graphs) on a GPU and
             ``default`` on the CPU.
+        matmul_precision: float32 matrix products on a GPU: ``high`` lets them use TF32 tensor cores, as cuDNN's
+            convolutions already do by default in PyTorch; ``highest`` keeps full float32 (no effect on the CPU).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class DRIML(pl.LightningModule):
         continuation_eps: float = 0.05,
         compile: bool = False,
         compile_mode: str = "auto",
+        matmul_precision: str = "high",
     ) -> None:
         super().__init__()
         if not v_min < v_max or num_atoms < 2:
@@ -112,6 +115,9 @@ class DRIML(pl.LightningModule):
         self.target_update_interval = target_update_interval
         self.online = QNetwork(3 * frame_stack, self.obs_size, feature_dim, NUM_ACTIONS, num_atoms)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
+        # the actors' snapshot of the online network, refreshed once per Lightning step (`sync_actor`); saved in
+        # checkpoints so a resumed run acts exactly as the uninterrupted one
+        self.actor = copy.deepcopy(self.online).requires_grad_(False)
         enc = self.online.encoder
         self.critic = DIMCritic(
             tuple(t for t, lam in self.lambdas.items() if lam != 0.0),
@@ -129,11 +135,21 @@ class DRIML(pl.LightningModule):
             visible[torch.from_numpy(effective_actions(game))] = True
             self.pair_model = ActionPairModel(pair_hidden, horizon_decay, continuation_eps, visible=visible)
         self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms), persistent=False)
+        self._actor_ready: Any = None  # CUDA event recorded after the last snapshot copy
         self._clipped: list[nn.Parameter] = []  # set by configure_optimizers
         self._compile, self._compile_mode = compile, compile_mode
-        self._compiled_losses: Any = None  # torch.compile(core_losses), built in `setup` when compile=True
+        if matmul_precision not in ("highest", "high", "medium"):
+            raise ValueError(
+                f"model.matmul_precision={matmul_precision!r} is not allowed; valid: highest, high, medium"
+            )
+        self.matmul_precision = matmul_precision
+        self._compiled_losses: Any = None  # torch.compile(core_losses), built at the first update
         self._metrics = _DeviceMetrics()
         self._perf: tuple[float, int, int] | None = None  # (time, global env steps, updates) at the last log
+
+    def setup(self, stage: str) -> None:
+        if torch.cuda.is_available() and self.trainer.strategy.root_device.type == "cuda":
+            torch.set_float32_matmul_precision(self.matmul_precision)
 
     def _core(self) -> Any:
         """`core_losses`, or its compiled form (built at the first update, once the module is on its device)."""
@@ -159,14 +175,43 @@ class DRIML(pl.LightningModule):
         return self.q_values(logits).argmax(-1)
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        """A replay on the learner's device hands out batches that are already there: skip Lightning's generic
-        walk over the batch (a third of a millisecond per update)."""
-        if isinstance(batch, Batch):
-            if batch.obs.device == device:
-                return batch
-            moved: list[Any] = [x.to(device, non_blocking=True) if isinstance(x, Tensor) else x for x in batch]
-            return Batch(*moved)
+        """A replay on the learner's device hands out minibatches that are already there: skip Lightning's generic
+        walk over them (a third of a millisecond per update)."""
+        if isinstance(batch, Batch):  # (a NamedTuple, so tested before plain tuples)
+            return _to_device(batch, device)
+        if isinstance(batch, tuple) and all(isinstance(b, Batch) for b in batch):
+            return tuple(_to_device(b, device) for b in batch)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    @torch.no_grad()
+    def sync_actor(self) -> None:
+        """Copy the online network into the actors' snapshot, queued on the learner's stream after the updates
+        launched so far; with the adaptive horizon the continuation matrix is snapshotted with it."""
+        torch._foreach_copy_(list(self.actor.parameters()), list(self.online.parameters()))
+        if self.pair_model is not None:
+            self.pair_model.snapshot_continuation()
+        if self.device.type == "cuda":
+            self._actor_ready = torch.cuda.Event()
+            self._actor_ready.record()
+
+    def _wait_actor(self) -> None:
+        """The calling (data) stream waits on the device for the last snapshot copy; the host does not wait."""
+        if self._actor_ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._actor_ready)
+
+    @torch.no_grad()
+    def act_actor(self, obs: Tensor) -> Tensor:
+        """Greedy actions of the actors' snapshot, on the host (the one device -> host copy of the hot loop)."""
+        self._wait_actor()
+        x = preprocess(obs.to(self.device, non_blocking=True), self.obs_size)
+        _, logits = self.actor(x)
+        return self.q_values(logits).argmax(-1).cpu()
+
+    def continuation_snapshot(self) -> Tensor:
+        """DRIML-ada's continuation probabilities as of the last `sync_actor` (read by the data stream)."""
+        assert self.pair_model is not None, "only built with adaptive_horizon=true"
+        self._wait_actor()
+        return self.pair_model.continuation_snapshot
 
     # ---------------------------------------------------------------------------------------------- learning
     def core_losses(
@@ -209,7 +254,18 @@ class DRIML(pl.LightningModule):
             out["loss"] = out["loss"] + out["pair_loss"]
         return out
 
-    def training_step(self, batch: Batch, batch_idx: int) -> None:
+    def training_step(self, batch: Batch | tuple[Batch, ...], batch_idx: int) -> None:
+        """The updates of one Lightning step (`data.updates_per_batch` minibatches, in order), then the logs."""
+        minibatches: tuple[Batch, ...] = (batch,) if isinstance(batch, Batch) else batch
+        for minibatch in minibatches:
+            self.update(minibatch)
+        last = minibatches[-1]
+        if last.stats.last:
+            self.trainer.should_stop = True  # the budget is spent: this step's metrics are written too
+        if self.trainer._logger_connector.should_update_logs:
+            self._log_metrics(last)
+
+    def update(self, batch: Batch) -> None:
         """One update: loss, backward, clip (global norm over the DRIML parameters), Adam, target sync."""
         if self._compiled_losses is not None and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()
@@ -228,10 +284,6 @@ class DRIML(pl.LightningModule):
         if self.global_step % self.target_update_interval == 0:
             self.sync_target()
         self._metrics.add(out, batch.k)
-        if batch.stats.last:
-            self.trainer.should_stop = True  # the budget is spent: this update's metrics are written too
-        if self.trainer._logger_connector.should_update_logs:
-            self._log_metrics(batch)
 
     def _log_metrics(self, batch: Batch) -> None:
         """Means since the last log of the loss terms and of k, the continuation statistics and the rollout."""
@@ -300,18 +352,48 @@ class DRIML(pl.LightningModule):
         nn.utils.clip_grad_norm_(self._clipped, self.max_grad_norm, foreach=self.device.type == "cuda" or None)
 
     # -------------------------------------------------------------------------------------------- evaluation
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._log_eval("eval", batch)
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._log_eval("test", batch)
 
-    def _log_eval(self, prefix: str, batch: dict[str, Tensor]) -> None:
-        returns = batch["episode_return"].double()
-        if returns.numel():
-            self.log(f"{prefix}/episode_return", returns.mean().item(), batch_size=returns.numel())
-            self.log(f"{prefix}/episode_length", batch["episode_length"].double().mean().item())
-        self.log(f"{prefix}/episodes", float(returns.numel()))
+    def _log_eval(self, prefix: str, batch: dict[str, Any]) -> None:
+        """``<prefix>/<level set>_{return,return_std,episodes,capped,length}`` over every rank's episodes, and
+        ``<prefix>/env_steps`` (the training run's global env steps) during fit."""
+        returns = self._gather_episodes(batch["episode_return"])
+        lengths = self._gather_episodes(batch["episode_length"])
+        capped = self._gather_episodes(batch["capped"])
+        key, n = f"{prefix}/{batch['level_set']}", returns.numel()
+        values = {f"{key}_episodes": float(n), f"{key}_capped": float(capped.sum())}
+        if n:
+            values |= {
+                f"{key}_return": float(returns.mean()),
+                f"{key}_return_std": float(returns.std(unbiased=False)),
+                f"{key}_length": float(lengths.mean()),
+            }
+        if int(batch["env_steps"]) >= 0:
+            values[f"{prefix}/env_steps"] = float(batch["env_steps"])
+        self.log_dict(values, add_dataloader_idx=False, batch_size=1)
+
+    def _gather_episodes(self, x: Tensor) -> Tensor:
+        """Every rank's episodes (ranks may hold different counts), as float64 on the host."""
+        x = x.double().cpu()
+        if self.trainer.world_size == 1:
+            return x
+        local = x.to(self.device)
+        counts = torch.as_tensor(self.all_gather(torch.tensor([local.numel()], device=self.device))).view(-1)
+        padded = torch.full((int(counts.max()),), float("nan"), dtype=torch.float64, device=self.device)
+        padded[: local.numel()] = local
+        rows = torch.as_tensor(self.all_gather(padded)).view(len(counts), -1)
+        return torch.cat([rows[i, : int(c)] for i, c in enumerate(counts)]).cpu()
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    if batch.obs.device == device:
+        return batch
+    moved: list[Any] = [x.to(device, non_blocking=True) if isinstance(x, Tensor) else x for x in batch]
+    return Batch(*moved)
 
 
 class _DeviceMetrics:
