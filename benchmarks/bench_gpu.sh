@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one prepared run that checks the replay on the GPU against the reference tests and prints the
-# throughput tables with the card's name (about 8 minutes). On the project's lent GPU machine, carry the wheels made by
-# ../shared/gpu/prepare-wheels.sh (.gpu-wheels/); on a machine with the project installed, just run it.
-# Results also go to $OUT (or bench_out/) as JSON and logs.
+# throughput tables with the card's name (about 4 minutes). On a machine with the project installed, just run it.
+# On a machine without a package registry, put the missing wheels in .gpu-wheels/ (../shared/gpu/prepare-wheels.sh
+# plus cffi and pycparser) and the shared libraries Procgen links (libGL, libGLX, libGLdispatch, glib, X11, xcb and
+# their small dependencies, copied from a Debian/Ubuntu x86_64 machine) in .gpu-libs/. Results also go to $OUT (or
+# bench_out/) as JSON and logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .gpu-wheels ]; then
-  python3 -m pip install -q --no-deps --no-index --no-compile --target /tmp/site .gpu-wheels/*.whl || exit 1
+  python3 -m pip install -q --upgrade --no-deps --no-index --no-compile --target /tmp/site .gpu-wheels/*.whl || exit 1
   export PYTHONPATH=/tmp/site:src
 fi
+[ -d .gpu-libs ] && export LD_LIBRARY_PATH=$PWD/.gpu-libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 out=${OUT:-bench_out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 echo "host: $(nproc) cores; $(python3 -c 'import torch; print("torch", torch.__version__)')"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_replay.py 2>&1 | tail -3
+python3 -c "from procgen import ProcgenGym3Env; ProcgenGym3Env(num=2, env_name='bigfish')" 2>/dev/null || exit 1
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_replay.py 2>&1 | tail -1
 bench() {  # name, time limit, then throughput.py arguments; a failure or overrun cannot eat the others' time
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 benchmarks/throughput.py --device cuda --replay-size 1000000 \
     --json "$out/$name.json" "$@" >"$out/$name.log" 2>&1
   echo "== $name: exit $?"; sed -n '/^## /,$p' "$out/$name.log"; grep -iE "error|Traceback" "$out/$name.log" | tail -5
 }
-bench compiled 220 --updates 300 --compile
-bench eager 100 --updates 300
-bench compiled_bf16 150 --updates 300 --compile --precision bf16-mixed --learners driml
+bench compiled_k7 120 --updates 700 --per-step 7 --compile
+bench compiled_k1 90 --updates 300 --per-step 1 --compile
+bench eager_k7 60 --updates 700 --per-step 7
+bench compiled_bf16_k7 90 --updates 700 --per-step 7 --compile --precision bf16-mixed --learners driml
