@@ -110,8 +110,6 @@ class ReplayStream(IterableDataset):
             raise ValueError("data.horizon.mode=adaptive needs a model with adaptive_horizon=true (the CLI links it)")
         self.policy, self.continuation, self.refresh = policy, continuation, refresh
 
-    def __len__(self) -> int:
-        return self.updates_per_epoch // self.updates_per_batch
 
     @property
     def exhausted(self) -> bool:
@@ -152,14 +150,24 @@ class ReplayStream(IterableDataset):
             c.launch(self.policy, self.current_epsilon())
         return batch
 
-    def next_batches(self, launch_next: bool = True) -> StepBatch:
-        """Up to ``updates_per_batch`` minibatches (fewer at the end of the budget, none once it is spent), then the
-        policy snapshot is refreshed for the next call."""
+    def _on_data_stream(self) -> contextlib.AbstractContextManager[Any]:
+        stream = self.cuda_stream
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def next_batches(self) -> StepBatch:
+        """Up to ``updates_per_batch`` minibatches (fewer at the end of the budget, none once it is spent).
+
+        Every env step that feeds these minibatches acts with the policy snapshot refreshed at the end of the
+        previous call. Then the snapshot is refreshed (the learner's weights now: Lightning calls this at the start
+        of a training step, so after the previous step's updates) and the first env step of the next call is
+        launched with it, to run while the learner updates. Whether that step is launched early or taken at the
+        next call makes no difference to the data, so checkpoints can be taken between any two calls.
+        """
         batches: list[Batch] = []
         stream = self.cuda_stream
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        with self._on_data_stream():
             for i in range(self.updates_per_batch):
-                batch = self.next_batch(launch_next=launch_next or i + 1 < self.updates_per_batch)
+                batch = self.next_batch(launch_next=i + 1 < self.updates_per_batch)
                 if batch is None:
                     break
                 batches.append(batch)
@@ -172,7 +180,17 @@ class ReplayStream(IterableDataset):
                         x.record_stream(learner)
         if self.refresh is not None:
             self.refresh()
+        c = self.collector
+        if batches and not c.pending and self._needs_step() and c.env_steps + c.env.num_envs <= self.env_step_budget:
+            with self._on_data_stream():
+                c.launch(self.policy, self.current_epsilon())  # type: ignore[arg-type]
         return tuple(batches)
+
+    def settle(self) -> None:
+        """Finish a launched env step (before a checkpoint): the data are the same as finishing it later."""
+        if self.collector.pending:
+            with self._on_data_stream():
+                self.collector.finish()
 
     def _sample(self) -> Batch:
         replay, gen = self.collector.replay, self.generator
@@ -202,18 +220,25 @@ class ReplayStream(IterableDataset):
         )
 
     def __iter__(self) -> Iterator[StepBatch]:
+        """One epoch: the steps up to the next multiple of ``updates_per_epoch`` updates (fewer after a resume in the
+        middle of an epoch), so epochs end at the same updates whatever was interrupted."""
         refuse_worker(type(self).__name__)
         if self.policy is None:
             raise RuntimeError("ReplayStream has no policy: call bind(policy) before iterating")
-        steps = len(self)
-        for i in range(steps):
-            # nothing is left in flight after an epoch's last batch: checkpoints are taken there
-            batches = self.next_batches(launch_next=i + 1 < steps)
+        left = self.updates_per_epoch - self.updates % self.updates_per_epoch
+        for _ in range(-(-left // self.updates_per_batch)):
+            batches = self.next_batches()
             if not batches:
                 return
             yield batches
 
+    def __len__(self) -> int:
+        """Lightning steps in the current epoch (the whole epoch's unless resumed in its middle)."""
+        left = self.updates_per_epoch - self.updates % self.updates_per_epoch
+        return -(-left // self.updates_per_batch)
+
     def state_dict(self) -> dict[str, Any]:
+        self.settle()
         return {
             "updates": self.updates,
             "generator": self.generator.get_state(),
