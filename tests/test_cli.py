@@ -45,7 +45,9 @@ def test_fit_honours_budget_logs_finite_losses_and_writes_checkpoint(run_dir):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == expected_updates(512) == 56
     assert ckpt["DRIMLDataModule"]["updates"] == 56
-    assert (run_dir / "checkpoints" / "stream" / "rank0.pt").is_file()
+    unit = ckpt["DRIMLDataModule"]["unit"]  # the checkpoint unit: per-rank state and replay segments
+    assert (run_dir / "checkpoints" / "units" / unit / "rank0" / "state.json").is_file()
+    assert any((run_dir / "checkpoints" / "replay" / "rank0").iterdir())
     config = yaml.safe_load((run_dir / "logs" / "version_0" / "config.yaml").read_text())
     assert config["data"]["total_env_steps"] == 512 and config["data"]["frame_stack"] == 1
 

@@ -61,14 +61,23 @@ def test_device_metrics_record_the_first_non_finite_term_without_reading_back():
     assert float(finite.read_and_reset()["c51_loss"]) == 300.0  # the mean of 1..599, over three flushes
 
 
+def tree_digest(directory: Path) -> str:
+    """Every file of the checkpoint directory (the unit's per-rank state and replay segments), names and bytes."""
+    h = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "last.ckpt"):
+        h.update(str(path.relative_to(directory)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
 def run_to_update_24(run: Path) -> tuple[Path, Path, str, str]:
     main(tiny_args(run, budget=512, **{"--trainer.max_epochs": 2}))  # 2 epochs of 12 updates: last.ckpt at 24
-    ckpt, stream = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "stream" / "rank0.pt"
-    return ckpt, stream, digest(ckpt), digest(stream)
+    ckpt, unit = run / "checkpoints" / "last.ckpt", run / "checkpoints"
+    return ckpt, unit, digest(ckpt), tree_digest(unit)
 
 
-def assert_last_good_checkpoint(ckpt: Path, stream: Path, digests: tuple[str, str]) -> None:
-    assert (digest(ckpt), digest(stream)) == digests  # neither file was replaced
+def assert_last_good_checkpoint(ckpt: Path, unit: Path, digests: tuple[str, str]) -> None:
+    assert (digest(ckpt), tree_digest(unit)) == digests  # nothing of the checkpoint unit was replaced or added
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     assert state["global_step"] == 24
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
@@ -76,7 +85,7 @@ def assert_last_good_checkpoint(ckpt: Path, stream: Path, digests: tuple[str, st
 
 def test_nan_loss_stops_the_run_naming_update_and_term_and_keeps_the_last_checkpoint(run_dir):
     """Through the CLI in a subprocess: the resumed run meets a NaN C51 loss in update 30 (epoch 3 of 12 updates)."""
-    ckpt, stream, *digests = run_to_update_24(run_dir)
+    ckpt, unit, *digests = run_to_update_24(run_dir)
     env = dict(os.environ, DRIML_INJECT_NAN_AT_UPDATE="30")
     cmd = [sys.executable, "-m", "driml_pl", *tiny_args(run_dir, budget=512, **{"--ckpt_path": "last"})]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
@@ -84,13 +93,13 @@ def test_nan_loss_stops_the_run_naming_update_and_term_and_keeps_the_last_checkp
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("driml_pl: error: non-finite loss at update 30: train/c51_loss=nan"), last
     assert f"the last good checkpoint is {ckpt} (update 24)" in last
-    assert_last_good_checkpoint(ckpt, stream, (digests[0], digests[1]))
+    assert_last_good_checkpoint(ckpt, unit, (digests[0], digests[1]))
 
 
 def test_checkpoint_guard_runs_before_anything_is_written(run_dir, monkeypatch, capsys):
     """As on a GPU, where the per-step check is skipped off logging steps: the fault is caught only when last.ckpt is
-    written (at the end of epoch 3), by the guard that runs before the data module replaces the stream file."""
-    ckpt, stream, *digests = run_to_update_24(run_dir)
+    written (at the end of epoch 3), by the guard that runs before any file of the checkpoint unit is written."""
+    ckpt, unit, *digests = run_to_update_24(run_dir)
     checks: list[bool] = []
     real_check = DRIML.check_finite
 
@@ -108,7 +117,7 @@ def test_checkpoint_guard_runs_before_anything_is_written(run_dir, monkeypatch, 
     assert checks.count(True) == 1  # the only check that could raise was the checkpoint guard's
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "non-finite loss at update 30: train/c51_loss=nan" in last, last
-    assert_last_good_checkpoint(ckpt, stream, (digests[0], digests[1]))
+    assert_last_good_checkpoint(ckpt, unit, (digests[0], digests[1]))
 
 
 def ddp_fit(run: Path, timeout: float, **env: str) -> tuple[subprocess.CompletedProcess[str], float]:

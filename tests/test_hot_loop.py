@@ -56,8 +56,8 @@ def test_compiled_loss_and_gradients_equal_eager_on_cpu():
 
 def test_device_metrics_are_means_over_the_updates_since_the_last_log():
     metrics = _DeviceMetrics()
-    metrics.add({"c51_loss": torch.tensor(1.0), "loss": torch.tensor(3.0)}, torch.tensor([1, 1, 2, 2]))
-    metrics.add({"c51_loss": torch.tensor(2.0), "loss": torch.tensor(5.0)}, torch.tensor([1, 2, 2, 15]))
+    metrics.add({"c51_loss": torch.tensor(1.0), "loss": torch.tensor(3.0)}, torch.tensor([1, 1, 2, 2]), 1)
+    metrics.add({"c51_loss": torch.tensor(2.0), "loss": torch.tensor(5.0)}, torch.tensor([1, 2, 2, 15]), 2)
     out = metrics.read_and_reset()
     assert out["c51_loss"].item() == pytest.approx(1.5)
     assert out["loss"].item() == pytest.approx(4.0)

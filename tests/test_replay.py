@@ -23,7 +23,13 @@ def frame_code(frames) -> np.ndarray:
 
 
 def scripted(
-    capacity: int, n_step: int = 3, max_k: int = 4, frame_stack: int = 1, gamma: float = 0.9, device: str = "cpu"
+    capacity: int,
+    n_step: int = 3,
+    max_k: int = 4,
+    frame_stack: int = 1,
+    gamma: float = 0.9,
+    device: str = "cpu",
+    steps: int = STEPS,
 ):
     """A replay filled with frames that encode their own time, random rewards and frequent terminals."""
     rng = np.random.default_rng(0)
@@ -37,7 +43,7 @@ def scripted(
 
     log = {"actions": [], "rewards": [], "dones": []}
     replay.reset(frames_at(0))
-    for t in range(STEPS):
+    for t in range(steps):
         a = rng.integers(0, 15, size=E)
         r = rng.normal(size=E).astype(np.float32)
         d = rng.random(E) < 0.12

@@ -10,9 +10,11 @@ import contextlib
 import importlib.util
 import io
 import logging
+import signal
 import sys
 import warnings
 from argparse import ArgumentError
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,15 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.callbacks.progress import ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
+from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from rich.console import Console
 
 from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
+from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
-from driml_pl.module import DRIML
+from driml_pl.module import DRIML, NonFiniteLossError
 
 
 def _seed(seed_everything: bool | int) -> int:
@@ -42,6 +47,26 @@ def _next_version(logs: Path) -> str:
 
 def _is_adaptive(mode: str) -> bool:
     return mode == "adaptive"
+
+
+class StopRanksOnError(Callback):
+    """When rank 0 of a DDP run started by Lightning's subprocess launcher fails, it kills the ranks it started, so
+    none is left waiting in a collective (Lightning itself does this only on Ctrl-C; a started rank that fails ends
+    rank 0 through the launcher's process observer or the failed collective)."""
+
+    def on_exception(self, trainer: Trainer, pl_module: Any, exception: BaseException) -> None:
+        launcher = trainer.strategy.launcher
+        if isinstance(launcher, _SubprocessScriptLauncher) and launcher.procs:
+            launcher.kill(signal.SIGKILL)  # SIGTERM does not end a process blocked in a collective
+
+
+def _with_timeout(strategy: Any, seconds: float) -> Any:
+    """A DDP strategy named by its registered string (``ddp``, ``ddp_spawn``, ...) with a collective timeout."""
+    if isinstance(strategy, str) and strategy in StrategyRegistry:
+        entry = StrategyRegistry[strategy]
+        if isinstance(entry["strategy"], type) and issubclass(entry["strategy"], DDPStrategy):
+            return entry["strategy"](**entry["init_params"], timeout=timedelta(seconds=seconds))
+    return strategy
 
 
 class DRIMLCLI(LightningCLI):
@@ -64,6 +89,34 @@ class DRIMLCLI(LightningCLI):
             known = self._known_keys(sub)
             raise ValueError(describe_parse_error(str(err), argv, known)) from None
         self._check()
+        self._check_resume()
+
+    def _check_resume(self) -> None:
+        """``fit --ckpt_path``: the checkpoint must load without pickle, be complete and fit the settings; checked
+        before anything is printed or written (the world size is checked once the trainer exists)."""
+        if self.config.get("subcommand") != "fit":
+            return
+        config = self.config["fit"]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            return
+        if ckpt_path == "last":
+            root = Path(str(config.trainer.get("default_root_dir") or "runs/driml"))
+            path = Path(str(root).format(game=config.data.env.game, seed=config.seed_everything)) / "checkpoints"
+            path = path / "last.ckpt"
+            if not path.exists():
+                return  # Lightning warns and starts afresh
+        else:
+            path = Path(ckpt_path)
+        data = config.data
+        meta = {
+            "data.env.game": data.env.game,
+            "data.env.num_envs": data.env.num_envs,
+            "data.replay_size": data.replay_size,
+            "data.frame_stack": data.frame_stack,
+            "world_size": None,
+        }
+        check_resumable(path, meta)
 
     def _known_keys(self, subcommand: str | None) -> list[str]:
         parsers = getattr(self, "_subcommand_parsers", {})
@@ -78,6 +131,9 @@ class DRIMLCLI(LightningCLI):
         project = config.get("wandb_project")
         if project and importlib.util.find_spec("wandb") is None:
             raise ValueError(f"wandb_project={project} is not allowed: wandb is not installed (pip install wandb)")
+        timeout = config.get("ddp_timeout")
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"ddp_timeout={timeout} is not allowed: a number of seconds > 0")
 
     def before_instantiate_classes(self) -> None:
         """Check again: a --ckpt_path may have brought the checkpoint's model hyper-parameters in since parsing."""
@@ -88,16 +144,26 @@ class DRIMLCLI(LightningCLI):
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
         parser.link_arguments("data.horizon.mode", "model.adaptive_horizon", compute_fn=_is_adaptive)
         parser.link_arguments("data.env.game", "model.game")
+        parser.add_class_arguments(CheckpointConfig, "checkpoint")
         parser.add_argument(
             "--wandb_project",
             type=str | None,
             default=None,
             help="also log to Weights & Biases under this project (needs `pip install wandb`)",
         )
+        parser.add_argument(
+            "--ddp_timeout",
+            type=float,
+            default=600.0,
+            help="seconds a DDP rank waits in a collective for the others before the run fails (ddp strategies "
+            "given by name; a strategy given as a class keeps its own timeout)",
+        )
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         """`validate`/`test` print the project's table (`after_validate`), not Lightning's, unless --verbose true."""
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand in ("fit", "validate", "test"):
+            parser.set_defaults(weights_only=True)  # loading a checkpoint never unpickles code from the file
         if subcommand in ("validate", "test"):
             parser.set_defaults(verbose=False)
         return parser
@@ -106,8 +172,9 @@ class DRIMLCLI(LightningCLI):
         """Lay the run directory out under ``trainer.default_root_dir`` unless the config sets loggers/checkpoints.
 
         ``<root>/logs/version_N/`` holds config.yaml, metrics.csv and TensorBoard events (a resume opens a new
-        version; nothing is overwritten). ``<root>/checkpoints/`` holds last.ckpt, written at every epoch end (every
-        ``data.updates_per_epoch`` updates) and at the end of the budget, plus the per-rank stream state.
+        version; nothing is overwritten). ``<root>/checkpoints/`` holds the checkpoint unit (`driml_pl.checkpoint`):
+        last.ckpt, written every ``checkpoint.every_n_updates`` updates, on signals and at the end of the budget, plus
+        every rank's stream state and replay segments.
         ``<root>/videos/`` holds evaluation GIFs, ``<root>/plot.png`` the run's plot. The run's progress bar is added
         unless ``enable_progress_bar`` is false (or another bar is given).
         """
@@ -127,12 +194,13 @@ class DRIMLCLI(LightningCLI):
             config["logger"] = loggers
         given = (config.get("callbacks") or []) + callbacks
         if not any(isinstance(c, ModelCheckpoint) for c in given) and config.get("enable_checkpointing") is not False:
-            last = ModelCheckpoint(
-                root / "checkpoints", save_last=True, save_top_k=0, every_n_epochs=1, save_on_train_epoch_end=True
-            )
-            callbacks = [*callbacks, last]
+            checkpoint = self.config_init[self.subcommand].get("checkpoint") if self.subcommand else None
+            callbacks = [*callbacks, RunCheckpoint(root / "checkpoints", checkpoint or CheckpointConfig())]
         if not any(isinstance(c, ProgressBar) for c in given) and config.get("enable_progress_bar") is not False:
             callbacks = [*callbacks, DRIMLProgressBar()]
+        timeout = float(self._subconfig().get("ddp_timeout") or 600.0)
+        config["strategy"] = _with_timeout(config.get("strategy", "auto"), timeout)
+        callbacks = [*callbacks, StopRanksOnError()]
         for kind in (EvalVideos, RunPlot):
             if not any(isinstance(c, kind) for c in given):
                 callbacks = [*callbacks, kind()]
@@ -149,7 +217,16 @@ class DRIMLCLI(LightningCLI):
     def before_fit(self) -> None:
         """Check what can fail before anything is written; refuse to start a fresh run on another run's checkpoints."""
         self.datamodule.check_budget(self.trainer.world_size)
-        if self.config_init[self.subcommand].get("ckpt_path"):
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            checkpoint = self.trainer.checkpoint_callback
+            if ckpt_path == "last" and isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
+                path = Path(checkpoint.dirpath) / "last.ckpt"
+                if not path.exists():
+                    return  # Lightning warns and starts afresh
+            else:
+                path = Path(ckpt_path)
+            check_resumable(path, self.datamodule._checkpoint_meta(self.trainer.world_size))
             return
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             dirpath = getattr(callback, "dirpath", None)
@@ -217,7 +294,7 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(grid_main(argv[1:]))
     quiet_warnings()
     try:
-        DRIMLCLI(
+        cli = DRIMLCLI(
             DRIML,
             DRIMLDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
@@ -228,6 +305,12 @@ def main(args: list[str] | None = None) -> None:
     except (ValueError, FileNotFoundError) as err:
         print(f"driml_pl: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except NonFiniteLossError as err:  # a NaN/Inf loss during training: exit code 3
+        print(f"driml_pl: error: {err}", file=sys.stderr)
+        raise SystemExit(3) from None
+    if any(getattr(c, "terminated", False) for c in getattr(cli.trainer, "callbacks", [])):
+        print("driml_pl: stopped by SIGTERM after writing a checkpoint; resume with --ckpt_path last", file=sys.stderr)
+        raise SystemExit(143)
 
 
 if __name__ == "__main__":

@@ -122,24 +122,30 @@ class Collector:
     def mean_length(self) -> float:
         return float(np.mean(self.recent_lengths)) if self.recent_lengths else float("nan")
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue: counters, episode accumulators, rng, env emulator state and replay."""
+    def state_dict(self, include_replay: bool = True) -> dict[str, Any]:
+        """Everything needed to continue: counters, episode accumulators, rng, env emulator state and (optionally;
+        the checkpoint unit persists it incrementally instead) the replay."""
         if self._pending is not None:
             raise RuntimeError("a vector step is in flight; checkpoints are taken between steps")
-        return {
+        state = {
             "env_steps": self.env_steps,
             "episodes": self.episodes,
             "recent_returns": list(self.recent_returns),
             "recent_lengths": list(self.recent_lengths),
-            "ep_return": self._ep_return.copy(),
-            "ep_length": self._ep_length.copy(),
+            "ep_return": self._ep_return.tolist(),
+            "ep_length": self._ep_length.tolist(),
             "rng": self.rng.bit_generator.state,
             "env_state": self.env.get_state(),
-            "replay": self.replay.state_dict(),
         }
+        if include_replay:
+            state["replay"] = self.replay.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.replay.load_state_dict(state["replay"])
+        """Restore; without a ``replay`` entry the ring is left as it is (the checkpoint unit filled it, or it is
+        restarted from the envs' current frames by `restart_replay`)."""
+        if "replay" in state:
+            self.replay.load_state_dict(state["replay"])
         self.env.set_state(list(state["env_state"]))
         self.env_steps = int(state["env_steps"])
         self.episodes = int(state["episodes"])
@@ -150,3 +156,8 @@ class Collector:
         self._ep_return[:] = state["ep_return"]
         self._ep_length[:] = state["ep_length"]
         self.rng.bit_generator.state = state["rng"]
+
+    def restart_replay(self) -> None:
+        """An empty replay starting from the envs' current frames (resume without a saved replay)."""
+        self.replay.t = -1
+        self.replay.reset(self.env.observe())

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from driml_pl.replay import FrameReplay
 from driml_pl.types import Batch, ContinuationSource, GreedyPolicy, RolloutStats
 
 if TYPE_CHECKING:
+    from driml_pl.checkpoint import StreamCheckpointer
     from driml_pl.evaluate import LevelSet
 
 REPLAY_DEVICES = ("auto", "cpu", "cuda")
@@ -109,7 +109,6 @@ class ReplayStream(IterableDataset):
         if self.horizon.adaptive and continuation is None:
             raise ValueError("data.horizon.mode=adaptive needs a model with adaptive_horizon=true (the CLI links it)")
         self.policy, self.continuation, self.refresh = policy, continuation, refresh
-
 
     @property
     def exhausted(self) -> bool:
@@ -233,9 +232,8 @@ class ReplayStream(IterableDataset):
             yield batches
 
     def __len__(self) -> int:
-        """Lightning steps in the current epoch (the whole epoch's unless resumed in its middle)."""
-        left = self.updates_per_epoch - self.updates % self.updates_per_epoch
-        return -(-left // self.updates_per_batch)
+        """Lightning steps per epoch (after a resume in the middle of one, Lightning counts the steps already made)."""
+        return self.updates_per_epoch // self.updates_per_batch
 
     def state_dict(self) -> dict[str, Any]:
         self.settle()
@@ -249,6 +247,26 @@ class ReplayStream(IterableDataset):
         self.collector.load_state_dict(state["collector"])
         self.generator.set_state(torch.as_tensor(state["generator"]))
         self.updates = int(state["updates"])
+        self.learning_starts = int(state.get("learning_starts", self.learning_starts))
+
+    def state_dict_small(self) -> dict[str, Any]:
+        """The stream's state without the replay (the checkpoint unit persists the replay incrementally)."""
+        self.settle()
+        return {
+            "updates": self.updates,
+            "learning_starts": self.learning_starts,
+            "generator": self.generator.get_state().numpy(),
+            "collector": self.collector.state_dict(include_replay=False),
+        }
+
+    def load_state_dict_small(self, state: dict[str, Any], replay_restored: bool) -> None:
+        """Restore from `state_dict_small`; without the replay, refill it first: ``learning_starts`` more env steps
+        (counted in the budget) before updates go on at the same ratio, instead of a burst of catch-up updates."""
+        with self._on_data_stream():
+            self.load_state_dict(state)
+            if not replay_restored:
+                self.collector.restart_replay()
+                self.learning_starts += max(self.learning_starts, self.collector.env.num_envs)
 
 
 class DRIMLDataModule(pl.LightningDataModule):
@@ -335,6 +353,8 @@ class DRIMLDataModule(pl.LightningDataModule):
         self.eval_video_frames = eval_video_frames
         self._eval_marks: tuple[int, int, int] | None = None  # env steps at the last eval, last video, last final
         self.stream: ReplayStream | None = None
+        self._stream_checkpointer: StreamCheckpointer | None = None
+        self._unit: str | None = None  # the checkpoint unit this run last wrote or resumed from
 
     # ----------------------------------------------------------------------------------------------- set-up
     def _rank(self) -> tuple[int, int]:
@@ -474,67 +494,67 @@ class DRIMLDataModule(pl.LightningDataModule):
         return True, record if video else 0, steps
 
     # ----------------------------------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Writes this rank's stream (replay, env emulator state, rng, counters) beside the checkpoints.
+    def _checkpoint_meta(self, world_size: int | None = None) -> dict[str, Any]:
+        """Settings a resume must share with the checkpoint (named by their config keys in errors)."""
+        return {
+            "data.env.game": self.env_config.game,
+            "data.env.num_envs": self.env_config.num_envs,
+            "data.replay_size": self.replay_size,
+            "data.frame_stack": self.frame_stack,
+            "world_size": self._rank()[1] if world_size is None else world_size,
+        }
 
-        Lightning writes the checkpoint from rank 0 only, so per-rank state goes to per-rank files named in it.
-        """
+    def _checkpointer(self, directory: Path) -> StreamCheckpointer:
+        from driml_pl.checkpoint import CheckpointConfig, StreamCheckpointer
+
+        cfg = getattr(self._attached().checkpoint_callback, "config", None) or CheckpointConfig()
+        if self._stream_checkpointer is None or self._stream_checkpointer.directory != directory:
+            self._stream_checkpointer = StreamCheckpointer(directory, self._rank()[0], cfg.save_replay)
+        return self._stream_checkpointer
+
+    def write_checkpoint_half(self, directory: Path, unit: str) -> None:
+        """This rank's half of the checkpoint unit (called by `RunCheckpoint` on every rank before the commit)."""
+        if self.stream is None:
+            return
+        self._checkpointer(directory).write(self.stream, unit, self._attached().global_step, self._checkpoint_meta())
+        self._unit = unit
+
+    def prune_checkpoint_halves(self, unit: str) -> None:
+        if self._stream_checkpointer is not None:
+            self._stream_checkpointer.prune(unit)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What goes into ``last.ckpt``: the unit whose per-rank halves this checkpoint commits."""
         if self.stream is None or self.trainer is None:
             return {}
         rank, world = self._rank()
-        path = self._stream_file(self._checkpoint_dir(), rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
         step = self._attached().global_step
-        torch.save({"global_step": step, "stream": _to_torch(self.stream.state_dict())}, tmp)
-        os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file intact
-        return {"world_size": world, "global_step": step, "updates": self.stream.updates}
+        return {"world_size": world, "global_step": step, "updates": self.stream.updates, "unit": self._unit}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        from driml_pl.checkpoint import CheckpointError
+
         if not state or self.stream is None:  # validate/test read only the weights
             return
         rank, world = self._rank()
-        if state["world_size"] != world:
-            raise ValueError(f"checkpoint was written with {state['world_size']} ranks, this run has {world}")
-        ckpt_path = self._attached().ckpt_path
-        path = self._stream_file(Path(ckpt_path).parent if ckpt_path else self._checkpoint_dir(), rank)
-        if not path.is_file():
-            raise FileNotFoundError(f"stream state {path} for rank {rank} is missing; it is written with every ckpt")
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        if saved["global_step"] != state["global_step"]:
-            raise ValueError(
-                f"stream state {path} is from update {saved['global_step']} but the checkpoint is from update "
-                f"{state['global_step']}; only the newest checkpoint can be resumed with its replay"
+        if state.get("world_size") != world:
+            written = state.get("world_size")
+            raise CheckpointError(
+                f"trainer.devices x num_nodes={world} does not fit the checkpoint, written with {written} ranks"
             )
-        self.stream.load_state_dict(_to_numpy(saved["stream"]))
+        if not state.get("unit"):
+            raise CheckpointError("the checkpoint has no stream state (written by an older driml_pl); start afresh")
+        ckpt_path = self._attached().ckpt_path
+        directory = Path(ckpt_path).parent if ckpt_path else self._checkpoint_dir()
+        self._checkpointer(directory).read(self.stream, state["unit"], state["global_step"], self._checkpoint_meta())
+        self._unit = state["unit"]
 
     def _checkpoint_dir(self) -> Path:
         trainer = self._attached()
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         return Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"
 
-    @staticmethod
-    def _stream_file(ckpt_dir: Path, rank: int) -> Path:
-        return ckpt_dir / "stream" / f"rank{rank}.pt"
-
 
 def _as_is(batch: Any) -> Any:
     """The stream yields finished batches: no collation walk over them."""
     return batch
-
-
-def _to_torch(obj: Any) -> Any:
-    """numpy arrays -> tensors sharing memory, so torch.save streams them without a pickled copy."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj)
-    if isinstance(obj, dict):
-        return {k: _to_torch(v) for k, v in obj.items()}
-    return obj
-
-
-def _to_numpy(obj: Any) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy()
-    if isinstance(obj, dict):
-        return {k: _to_numpy(v) for k, v in obj.items()}
-    return obj

@@ -5,18 +5,26 @@ The hot loop keeps the host's work per update small and constant: the loss terms
 to device-side accumulators (no sync), and the metrics are read back and logged only on Lightning's logging steps
 (``trainer.log_every_n_steps``) and at the last update of the budget. ``compile=True`` runs the loss through
 ``torch.compile`` (with CUDA graphs on a GPU).
+
+Numerical faults: the first update whose loss terms are not all finite is recorded on the device too (no sync), and
+read back on logging steps (on the CPU, where a read costs nothing, after every step), before any checkpoint is
+written and at the end of training; `NonFiniteLossError` then stops the run, so no checkpoint ever holds the weights
+such an update produced (`DRIML.check_finite`).
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning import Callback
 from torch import Tensor, nn
 
 from driml_pl.adaptive import ActionPairModel
@@ -29,9 +37,17 @@ from driml_pl.types import Batch
 
 # batches from the replay are already on the learner's device; the module's transfer hook (below) says so
 warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`")
+# training_step fetches its own batch (see its docstring) and consumes the iterator once per step, as Lightning asks
+warnings.filterwarnings("ignore", message="You are using the `dataloader_iter` step flavor")
+warnings.filterwarnings("ignore", message="Found `dataloader_iter` argument in the `training_step`")
 
 K_LOGGED = 13  # horizons logged one by one (the paper's cap for DRIML-ada)
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+NO_FAULT = torch.iinfo(torch.int64).max  # `_DeviceMetrics.fault` while every loss term so far was finite
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term was NaN or Inf; raised before any checkpoint holds the weights that update produced (exit code 3)."""
 
 
 class DRIML(pl.LightningModule):
@@ -146,6 +162,8 @@ class DRIML(pl.LightningModule):
         self._compiled_losses: Any = None  # torch.compile(core_losses), built at the first update
         self._metrics = _DeviceMetrics()
         self._perf: tuple[float, int, int] | None = None  # (time, global env steps, updates) at the last log
+        self._last_good_step: int | None = None  # global_step of the last checkpoint saved or resumed from
+        self._faults = _FaultInjection.from_env()  # test hooks; None in normal runs
 
     def setup(self, stage: str) -> None:
         if torch.cuda.is_available() and self.trainer.strategy.root_device.type == "cuda":
@@ -254,15 +272,25 @@ class DRIML(pl.LightningModule):
             out["loss"] = out["loss"] + out["pair_loss"]
         return out
 
-    def training_step(self, batch: Batch | tuple[Batch, ...], batch_idx: int) -> None:
-        """The updates of one Lightning step (`data.updates_per_batch` minibatches, in order), then the logs."""
+    def training_step(self, dataloader_iter: Iterator[Any]) -> None:
+        """The updates of one Lightning step (`data.updates_per_batch` minibatches, in order), then the logs.
+
+        The step fetches its own batch (Lightning's ``dataloader_iter`` form): Lightning would otherwise fetch one
+        batch ahead within an epoch but not across epochs, and the actors' policy lag would depend on where epochs
+        end. Fetched here, the env steps that feed step j always act with the weights after step j - 2.
+        """
+        batch, _, _ = next(dataloader_iter)  # StopIteration ends the epoch
+        batch = self.transfer_batch_to_device(batch, self.device, 0)
         minibatches: tuple[Batch, ...] = (batch,) if isinstance(batch, Batch) else batch
         for minibatch in minibatches:
             self.update(minibatch)
         last = minibatches[-1]
         if last.stats.last:
             self.trainer.should_stop = True  # the budget is spent: this step's metrics are written too
-        if self.trainer._logger_connector.should_update_logs:
+        logging = self.trainer._logger_connector.should_update_logs
+        if logging or self.device.type == "cpu":  # a read back stalls a GPU; on the CPU it costs nothing
+            self.check_finite()
+        if logging:
             self._log_metrics(last)
 
     def update(self, batch: Batch) -> None:
@@ -272,6 +300,8 @@ class DRIML(pl.LightningModule):
         optimizer = self.optimizers()
         assert isinstance(optimizer, pl.core.optimizer.LightningOptimizer)
         out = self.losses(batch)
+        if self._faults is not None:
+            out = self._faults.inject(out, self.global_step + 1, self.global_rank)
         optimizer.zero_grad(set_to_none=True)
         self.manual_backward(out["loss"])
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
@@ -283,13 +313,13 @@ class DRIML(pl.LightningModule):
             self.pair_model.update_matrix()
         if self.global_step % self.target_update_interval == 0:
             self.sync_target()
-        self._metrics.add(out, batch.k)
+        self._metrics.add(out, batch.k, self.global_step)  # global_step now counts this update: it is update N
 
     def _log_metrics(self, batch: Batch) -> None:
         """Means since the last log of the loss terms and of k, the continuation statistics and the rollout."""
         values = self._metrics.read_and_reset()
-        self.log_dict({f"train/{k}": v for k, v in values.items() if not k.startswith("horizon/")})
-        self.log_dict({k: v for k, v in values.items() if k.startswith("horizon/")})
+        self.log_dict({f"train/{k}": v for k, v in values.items() if not k.startswith("horizon/")}, batch_size=1)
+        self.log_dict({k: v for k, v in values.items() if k.startswith("horizon/")}, batch_size=1)
         if self.pair_model is not None:
             probs = self.pair_model.continuation()
             visible = self.pair_model.visible
@@ -298,22 +328,70 @@ class DRIML(pl.LightningModule):
                 "horizon/continuation_mean": block.mean(),
                 "horizon/continuation_repeat": block.diagonal().mean(),
                 "horizon/continuation_max": block.max(),
-            })  # fmt: skip
+            }, batch_size=1)  # fmt: skip
         stats, world = batch.stats, self.trainer.world_size
         env_steps = int(stats.env_steps) * world
         # env steps are exact globally (every rank steps alike); episode statistics are this rank's (rank 0 logs)
-        self.log("rollout/env_steps", float(env_steps), prog_bar=True, reduce_fx="max")
-        self.log("rollout/epsilon", float(stats.epsilon))
-        self.log("rollout/episodes", float(stats.episodes))
+        self.log("rollout/env_steps", float(env_steps), prog_bar=True, reduce_fx="max", batch_size=1)
+        self.log("rollout/epsilon", float(stats.epsilon), batch_size=1)
+        self.log("rollout/episodes", float(stats.episodes), batch_size=1)
         if not np.isnan(stats.episode_return):
-            self.log("rollout/episode_return", float(stats.episode_return), prog_bar=True)
-            self.log("rollout/episode_length", float(stats.episode_length))
+            self.log("rollout/episode_return", float(stats.episode_return), prog_bar=True, batch_size=1)
+            self.log("rollout/episode_length", float(stats.episode_length), batch_size=1)
         now, updates = time.perf_counter(), self.global_step
         if self._perf is not None and now > self._perf[0]:
             t0, e0, u0 = self._perf
-            self.log("perf/env_steps_per_s", (env_steps - e0) / (now - t0), prog_bar=True)
-            self.log("perf/updates_per_s", (updates - u0) / (now - t0))
+            self.log("perf/env_steps_per_s", (env_steps - e0) / (now - t0), prog_bar=True, batch_size=1)
+            self.log("perf/updates_per_s", (updates - u0) / (now - t0), batch_size=1)
         self._perf = (now, env_steps, updates)
+
+    # -------------------------------------------------------------------------------------- numerical faults
+    def check_finite(self, all_ranks: bool = False) -> None:
+        """Raise `NonFiniteLossError` if a loss term of any update so far was NaN or Inf (one device -> host read).
+
+        The message names the first such update (counted from 1: update N leaves ``global_step == N``), its first
+        non-finite term (the weighted sum ``loss`` only when no single term is) and the last good checkpoint.
+        ``all_ranks`` takes the earliest fault over every DDP rank (a collective: every rank must call it), as the
+        checkpoint guard does, since rank 0 writes the checkpoint of all ranks.
+        """
+        self._metrics.flush()
+        fault = self._metrics.fault
+        if fault is None:
+            fault = torch.full((), NO_FAULT, dtype=torch.int64, device=self.device)
+        if all_ranks and self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            fault = fault.clone()
+            torch.distributed.all_reduce(fault, op=torch.distributed.ReduceOp.MIN)
+        code = int(fault)
+        if code == NO_FAULT:
+            return
+        update, what = self._metrics.describe(code)
+        callback = getattr(self.trainer, "checkpoint_callback", None)
+        path = getattr(callback, "last_model_path", "") or self.trainer.ckpt_path
+        if path and self._last_good_step is not None:
+            last = f"the last good checkpoint is {path} (update {self._last_good_step}), left as it was"
+        else:
+            last = "no checkpoint of this run was written"
+        raise NonFiniteLossError(f"non-finite loss at update {update}: {what}; the run stops here and {last}")
+
+    def nonfinite_update(self) -> int | None:
+        """The first update of this rank with a non-finite loss term, or None (one device -> host read)."""
+        self._metrics.flush()
+        fault = self._metrics.fault
+        code = NO_FAULT if fault is None else int(fault)
+        return None if code == NO_FAULT else self._metrics.describe(code)[0]
+
+    def configure_callbacks(self) -> list[Callback]:
+        return [_FiniteLossGuard()]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._last_good_step = int(checkpoint["global_step"])  # `_FiniteLossGuard` has checked the losses
+        # the sums since the last log: a resumed run logs the same means as the uninterrupted one
+        checkpoint["driml_metrics"] = self._metrics.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._last_good_step = int(checkpoint.get("global_step", 0))
+        if "driml_metrics" in checkpoint:
+            self._metrics.load_state_dict(checkpoint["driml_metrics"])
 
     def continuation_matrix(self) -> Tensor:
         """DRIML-ada's current continuation probabilities (15, 15), read by the replay stream."""
@@ -396,28 +474,144 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return Batch(*moved)
 
 
+class _FiniteLossGuard(Callback):
+    """Checks the losses (every rank's) before a checkpoint is written and at the end of training.
+
+    Lightning 2.6's ``dump_checkpoint`` calls every callback's ``state_dict`` before the data module's ``state_dict``
+    (which replaces each rank's stream file) and before any file is opened; ``on_save_checkpoint`` hooks run after
+    the stream file is replaced, too late. So the check runs in ``state_dict``, and a fault leaves the previous
+    ``last.ckpt`` and stream files untouched.
+    """
+
+    def __init__(self) -> None:
+        self.module: DRIML | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.module = pl_module if isinstance(pl_module, DRIML) else None
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.module is not None:
+            self.module.check_finite(all_ranks=True)
+        return {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(pl_module, DRIML):
+            pl_module.check_finite(all_ranks=True)
+
+
+class _FaultInjection:
+    """Test hooks, read from the environment when the module is built; none is set in a normal run.
+
+    ``DRIML_INJECT_NAN_AT_UPDATE=N`` multiplies update N's C51 loss (and so the total loss) by NaN, so that update
+    writes NaN weights. ``DRIML_INJECT_FAIL_AT_UPDATE=N`` kills rank ``DRIML_INJECT_FAIL_RANK`` (default 1) in update
+    N: a RuntimeError, with ``DRIML_INJECT_FAIL_MODE=exit`` a hard death (``os._exit(1)``, no clean-up), with
+    ``hang`` a rank that stops responding (sleeps for ever). Updates count from 1.
+    """
+
+    def __init__(self, nan_at: int | None, fail_at: int | None, fail_rank: int, fail_mode: str) -> None:
+        self.nan_at, self.fail_at, self.fail_rank, self.fail_mode = nan_at, fail_at, fail_rank, fail_mode
+
+    @classmethod
+    def from_env(cls) -> _FaultInjection | None:
+        nan_at, fail_at = (os.environ.get(f"DRIML_INJECT_{x}_AT_UPDATE") for x in ("NAN", "FAIL"))
+        if not nan_at and not fail_at:
+            return None
+        rank, mode = int(os.environ.get("DRIML_INJECT_FAIL_RANK", "1")), os.environ.get("DRIML_INJECT_FAIL_MODE", "")
+        return cls(int(nan_at) if nan_at else None, int(fail_at) if fail_at else None, rank, mode)
+
+    def inject(self, out: dict[str, Tensor], update: int, rank: int) -> dict[str, Tensor]:
+        if update == self.fail_at and rank == self.fail_rank:
+            if self.fail_mode == "exit":
+                os._exit(1)
+            while self.fail_mode == "hang":
+                time.sleep(1)
+            raise RuntimeError(f"injected failure of rank {rank} in update {update} (DRIML_INJECT_FAIL_AT_UPDATE)")
+        if update == self.nan_at:
+            out = dict(out)
+            out["c51_loss"] = out["c51_loss"] * float("nan")
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+
 class _DeviceMetrics:
-    """Sums of the per-update scalars and of the k histogram, kept on the device; read back only when logged."""
+    """Sums of the per-update scalars and of the k histogram, kept on the device; read back only when logged.
+
+    Each update's scalars are copied into a row of a small device buffer (one copy, as the running sum was one add);
+    `flush` folds the rows into the sums and, with a few element-wise ops and a minimum over all of them, into
+    ``fault``: an int64 that encodes the first update with a non-finite scalar, its first such key (``loss`` ranked
+    last, so a term is named when one is at fault) and whether it was NaN, +Inf or -Inf, as
+    ``(update * len(keys) + slot) * 3 + kind``, and stays `NO_FAULT` while all are finite. Nothing is read back to
+    the host: the buffer is flushed when full (every `ROWS` updates), when read (logs, `DRIML.check_finite`) and
+    when saved. ``fault`` is never reset.
+    """
+
+    ROWS = 256
 
     def __init__(self) -> None:
         self.keys: list[str] = []
         self.sums: Tensor | None = None
         self.k_hist: Tensor | None = None
         self.count = 0
+        self.fault: Tensor | None = None
+        self._slots: list[str] = []  # the keys in fault order
+        self._rows: Tensor | None = None  # (ROWS, keys): the scalars of the updates not yet flushed
+        self._row_code: Tensor | None = None  # (ROWS, keys): the fault code of each cell, less update and kind
+        self._no_fault: Tensor | None = None
+        self._held = 0  # rows in use
+        self._first = 0  # the update of row 0
 
-    def add(self, out: dict[str, Tensor], k: Tensor) -> None:
+    def _build(self, device: torch.device) -> None:
+        """The fault order and the buffers for ``keys``, on ``device`` (after the first update or a restore)."""
+        n = len(self.keys)
+        self._slots = [key for key in self.keys if key != "loss"] + [key for key in self.keys if key == "loss"]
+        slots = torch.tensor([self._slots.index(key) for key in self.keys], dtype=torch.int64)
+        self._row_code = (torch.arange(self.ROWS)[:, None] * n + slots[None, :]).mul_(3).to(device)
+        self._rows = torch.zeros(self.ROWS, n, dtype=torch.float32, device=device)
+        self._no_fault = torch.full((), NO_FAULT, dtype=torch.int64, device=device)
+        if self.fault is None:
+            self.fault = self._no_fault.clone()
+        self._held = 0
+
+    def add(self, out: dict[str, Tensor], k: Tensor, update: int) -> None:
         values = torch.stack([v.detach().float() for v in out.values()] + [k.float().mean()])
         if self.sums is None or self.k_hist is None:
             self.keys = [*out, "horizon/k_mean"]
             self.sums = torch.zeros_like(values)
             self.k_hist = torch.zeros(K_LOGGED + 2, dtype=torch.float32, device=k.device)
-        self.sums += values
+        if self._rows is None or self._rows.device != values.device:  # first update, or restored elsewhere
+            self.sums, self.k_hist = self.sums.to(values.device), self.k_hist.to(values.device)
+            self.fault = None if self.fault is None else self.fault.to(values.device)
+            self._build(values.device)
+        assert self._rows is not None
+        if self._held and update != self._first + self._held:  # rows hold consecutive updates
+            self.flush()
+        if self._held == 0:
+            self._first = update
+        self._rows[self._held].copy_(values)
+        self._held += 1
+        if self._held == self.ROWS:
+            self.flush()
         # index_add_ instead of bincount, which reads the maximum back to the host on a GPU
         bins = k.clamp(max=K_LOGGED + 1)
         self.k_hist.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float32))
         self.count += 1
 
+    def flush(self) -> None:
+        """Fold the buffered rows into ``sums`` and ``fault`` (device ops only)."""
+        if not self._held:
+            return
+        assert self._rows is not None and self._row_code is not None and self.sums is not None
+        assert self.fault is not None and self._no_fault is not None
+        rows = self._rows[: self._held]
+        self.sums += rows.sum(0)
+        kind = (rows > 0).long() + (rows < 0).long() * 2  # NaN 0, +Inf 1, -Inf 2 (where not finite)
+        code = self._row_code[: self._held] + (kind + self._first * len(self.keys) * 3)
+        code = torch.where(rows.isfinite(), self._no_fault, code)
+        torch.minimum(self.fault, code.min(), out=self.fault)  # updates only grow: the first fault is kept
+        self._held = 0
+
     def read_and_reset(self) -> dict[str, Tensor]:
+        self.flush()
         if self.sums is None or self.k_hist is None or self.count == 0:
             return {}
         means = self.sums / self.count
@@ -430,3 +624,25 @@ class _DeviceMetrics:
         self.k_hist.zero_()
         self.count = 0
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        self.flush()
+        tensors = {"sums": self.sums, "k_hist": self.k_hist, "fault": self.fault}
+        return {"keys": list(self.keys), "count": self.count, **{k: v for k, v in tensors.items() if v is not None}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "sums" not in state:
+            return
+        self.keys = list(state["keys"])
+        self.count = int(state["count"])
+        self.sums, self.k_hist, self.fault = state["sums"], state["k_hist"], state.get("fault")
+        self._build(self.sums.device)
+
+    def describe(self, code: int) -> tuple[int, str]:
+        """A `fault` code as (update, "train/<key>=<nan|inf|-inf>")."""
+        n = max(1, len(self._slots))
+        update, rest = divmod(code, 3 * n)
+        slot, kind = divmod(rest, 3)
+        key = self._slots[slot] if slot < len(self._slots) else f"#{slot}"
+        key = key if key.startswith("horizon/") else f"train/{key}"
+        return update, f"{key}={('nan', 'inf', '-inf')[kind]}"

@@ -1,0 +1,197 @@
+"""The checkpoint unit: real SIGKILLs after a mid-run checkpoint and at the dangerous moments of one, SIGTERM, corrupt
+and planted files, settings that cannot fit, and the replay segments against the ring they came from."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, tiny_args
+from test_replay import scripted
+
+from driml_pl.checkpoint import CheckpointError, read_segments, write_segment
+from driml_pl.replay import FrameReplay
+
+# 8 envs, batch 16, ratio 2: one update per vector step after 64 warm-up env steps; 640 env steps -> 72 updates.
+# Checkpoints every 20 updates (20, 40, 60) and at the end; epochs of 12 updates do not line up with them.
+BUDGET = 640
+EXTRA = {"--checkpoint.every_n_updates": "20", "--trainer.enable_progress_bar": "false"}
+
+
+def fit(run_dir: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True, **overrides: str):
+    args = [sys.executable, "-m", "driml_pl", *tiny_args(run_dir, budget=BUDGET, **EXTRA, **overrides), *extra]
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    x, y = final_state(a), final_state(b)
+    assert x["global_step"] == y["global_step"] == 72
+    for key, value in x["state_dict"].items():
+        assert torch.equal(value, y["state_dict"][key]), key
+    states = (x["optimizer_states"][0]["state"].values(), y["optimizer_states"][0]["state"].values())
+    for sa, sb in zip(*states, strict=True):
+        for key in sa:
+            assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
+
+
+def logged(run_dir: Path) -> dict[int, dict[str, str]]:
+    """The training metrics of every logged step over all log versions (a resume appends a version)."""
+    rows: dict[int, dict[str, str]] = {}
+    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
+        with path.open() as f:
+            for row in csv.DictReader(f):
+                if row.get("train/loss"):
+                    rows[int(row["step"])] = {k: v for k, v in row.items() if k.startswith(("train/", "rollout/"))}
+    return rows
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("straight") / "run"
+    fit(run)
+    return run
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_mid_run_checkpoint_resumes_to_the_same_weights_optimizer_and_metrics(straight, tmp_path):
+    run = tmp_path / "run"
+    crash = fit(run, env={"DRIML_CRASH_AT": "after_commit", "DRIML_CRASH_AFTER": "2"}, check=False)
+    assert crash.returncode == -signal.SIGKILL  # a real kill, right after the second checkpoint (update 40)
+    assert final_state(run)["global_step"] == 40
+    fit(run, "--ckpt_path", "last")
+    assert_same_run(straight, run)
+    assert logged(run) == logged(straight)  # every logged value, across the kill
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["mid_flush", "before_commit"])
+def test_a_kill_inside_a_checkpoint_leaves_the_previous_one_resumable(straight, tmp_path, moment):
+    run = tmp_path / "run"
+    crash = fit(run, env={"DRIML_CRASH_AT": moment, "DRIML_CRASH_AFTER": "2"}, check=False)
+    assert crash.returncode == -signal.SIGKILL
+    assert final_state(run)["global_step"] == 20  # the second checkpoint never committed
+    fit(run, "--ckpt_path", "last")
+    assert_same_run(straight, run)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_a_checkpoint_and_exits_143_then_resumes_exactly(straight, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "driml_pl", *tiny_args(run, budget=BUDGET, **EXTRA)]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DRIML_SLOW_UPDATES": "0.05"}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (run / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # the first checkpoint (update 20) is written: the run is mid-way
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    step = final_state(run)["global_step"]
+    assert 20 < step < 72
+    fit(run, "--ckpt_path", "last")
+    assert_same_run(straight, run)
+
+
+@pytest.mark.slow
+def test_corrupt_truncated_planted_and_misfit_checkpoints_are_refused_in_one_line(straight, tmp_path):
+    def resume(run: Path, *extra: str) -> subprocess.CompletedProcess:
+        proc = fit(run, "--ckpt_path", "last", *extra, check=False)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1, proc.stderr[-2000:]
+        return proc
+
+    def copy_run() -> Path:
+        run = tmp_path / f"copy{len(list(tmp_path.iterdir()))}" / "run"
+        run.parent.mkdir()
+        subprocess.run(["cp", "-r", str(straight), str(run)], check=True)
+        return run
+
+    # a settings change that cannot fit the saved state names the key
+    run = copy_run()
+    assert "data.env.num_envs=4" in resume(run, "--data.env.num_envs", "4").stderr
+    assert "data.replay_size=4096" in resume(run, "--data.replay_size", "4096").stderr
+    assert "data.env.game='coinrun'" in resume(run, "--data.env.game", "coinrun").stderr
+    # a truncated replay segment is named
+    seg = sorted((run / "checkpoints" / "replay" / "rank0").iterdir())[-1] / "frames.npy"
+    seg.write_bytes(seg.read_bytes()[:-100])
+    assert str(seg) in resume(run).stderr
+    # a flipped byte in the stream state is named
+    run = copy_run()
+    (state,) = (run / "checkpoints" / "units").glob("*/rank0/state.json")
+    body = bytearray(state.read_bytes())
+    body[len(body) // 2] ^= 1
+    state.write_bytes(bytes(body))
+    assert str(state) in resume(run).stderr
+    # a truncated last.ckpt is named
+    run = copy_run()
+    ckpt = run / "checkpoints" / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert str(ckpt) in resume(run).stderr
+    # a planted pickle payload never runs: it is refused before anything is loaded
+    run = copy_run()
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {}, "payload": _Payload(str(marker))}, run / "checkpoints" / "last.ckpt")
+    assert "pickled objects" in resume(run).stderr
+    assert not marker.exists()
+
+
+class _Payload:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.mark.parametrize("capacity", [30, 500])
+def test_segments_written_incrementally_rebuild_the_ring(tmp_path, capacity):
+    """Checkpoints at irregular times, the ring wrapping between them: the segments rebuild every retained slot."""
+    source, _ = scripted(capacity=capacity, n_step=3, max_k=4)  # 90 steps of 3 envs
+    root = tmp_path / "replay"
+    root.mkdir()
+    segments, flushed = [], -1
+    steps = source.t
+    for cut in (7, 8, 40, 77, steps):  # checkpoint times (the script's replay is read at each)
+        first = max(flushed + 1, cut - capacity + 1, 0)
+        view = _truncated(source, cut)
+        segments.append(write_segment(view, root, first, cut))
+        flushed = cut
+    restored = FrameReplay(3, capacity, 3, 0.9, 4)
+    read_segments(restored, root, [s for s in segments if s["last"] >= steps - capacity + 1], steps)
+    restored.t = steps
+    lo, hi = source.valid_range()
+    assert (restored.valid_range()) == (lo, hi)
+    times = np.arange(max(0, steps - capacity + 1), steps + 1)
+    for column in ("frames", "firsts"):
+        a, b = getattr(source, column), getattr(restored, column)
+        assert torch.equal(a[times % capacity], b[times % capacity]), column
+    for column in ("actions", "rewards", "dones"):  # final only up to t - 1
+        a, b = getattr(source, column), getattr(restored, column)
+        assert torch.equal(a[times[:-1] % capacity], b[times[:-1] % capacity]), column
+    with pytest.raises(CheckpointError, match="frames.npy"):
+        path = root / segments[-1]["name"] / "frames.npy"
+        path.write_bytes(path.read_bytes()[:-1])
+        read_segments(FrameReplay(3, capacity, 3, 0.9, 4), root, segments[-1:], steps)
+
+
+def _truncated(source: FrameReplay, t: int) -> FrameReplay:
+    """The source ring as it was at time t (the script is deterministic: rebuild it up to t)."""
+    replay, _ = scripted(capacity=source.capacity, n_step=3, max_k=4, steps=t)
+    return replay
