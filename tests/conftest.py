@@ -28,6 +28,7 @@ def tiny_args(run_dir: Path, budget: int = 512, config: Path = CONF / "quickstar
         "--data.replay_ratio": "2",
         "--data.learning_starts": "64",
         "--data.updates_per_epoch": "12",
+        "--data.updates_per_batch": "1",
         "--model.target_update_interval": "5",
         "--model.feature_dim": "64",
         "--model.rkhs_dim": "32",

@@ -23,7 +23,12 @@ from driml_pl.replay import FrameReplay
 # 8 envs, batch 16, ratio 2: one update per vector step after 64 warm-up env steps; 640 env steps -> 72 updates.
 # Checkpoints every 20 updates (20, 40, 60) and at the end; epochs of 12 updates do not line up with them.
 BUDGET = 640
-EXTRA = {"--checkpoint.every_n_updates": "20", "--trainer.enable_progress_bar": "false"}
+# 4 updates per Lightning step (the paper's configs use 7): checkpoints fall between steps, at updates 20 and 40.
+EXTRA = {
+    "--checkpoint.every_n_updates": "20",
+    "--trainer.enable_progress_bar": "false",
+    "--data.updates_per_batch": "4",
+}
 
 
 def fit(run_dir: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True, **overrides: str):
