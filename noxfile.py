@@ -57,8 +57,21 @@ def smoke(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Throughput and memory benchmarks with the paper's network and batch (several minutes)."""
+    """CPU benchmarks (about 15 minutes): throughput tables at the CPU goal's size (batch 32, 64x64 input; 1 and 7
+    updates per Lightning step) and with the paper's network and batch, checkpoint cost at two replay sizes, replay
+    memory."""
     install_project(session)
-    session.run("python", "benchmarks/throughput.py", *session.posargs)
-    session.run("python", "benchmarks/throughput.py", "--lambda-gg", "0", *session.posargs)
+    small = ["--batch", "32", "--obs", "64", "64", "--num-envs", "16", "--replay-ratio", "4", "--updates", "140",
+             "--replay-size", "20000", "--log-every", "10"]  # fmt: skip
+    session.run("python", "benchmarks/throughput.py", *small, "--per-step", "1", *session.posargs)
+    session.run("python", "benchmarks/throughput.py", *small, "--per-step", "7", *session.posargs)
+    session.run("python", "benchmarks/throughput.py", "--updates", "42", "--per-step", "7", *session.posargs)
+    session.run("python", "benchmarks/checkpoint_cost.py")
     session.run("python", "benchmarks/replay_memory.py")
+
+
+@nox.session(venv_backend="none")
+def bench_gpu(session: nox.Session) -> None:
+    """The GPU benchmark (one CUDA machine, about 4 minutes): runs benchmarks/bench_gpu.sh with the current Python
+    environment, which must already hold a CUDA torch and the project (no install here: GPU images pin their torch)."""
+    session.run("bash", "benchmarks/bench_gpu.sh", *session.posargs, external=True)

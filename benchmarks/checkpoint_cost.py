@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -44,24 +43,25 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _rss() -> int:
-    """Resident memory now, in bytes."""
+def _status(field: str) -> int:
+    """A /proc/self/status memory figure in bytes: VmRSS (now) or VmHWM (peak of this program; unlike ru_maxrss it
+    does not carry over the parent's peak across fork and exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return 0
 
 
 def resume(capacity: int, root: Path, segments: list, t: int) -> dict:
     """In this (fresh) process: allocate the replay, read the segments into it."""
-    baseline = _rss()  # the interpreter, torch and numpy
+    baseline = _status("VmRSS")  # the interpreter, torch and numpy
     start = time.perf_counter()
     replay = FrameReplay(ENVS, capacity, n_step=7, gamma=0.99, max_k=2)
     read_segments(replay, root, segments, t)
     seconds = time.perf_counter() - start
     replay_bytes = sum(x.numel() * x.element_size() for x in (replay.frames, replay.actions, replay.rewards,
                                                               replay.dones, replay.firsts))  # fmt: skip
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _status("VmHWM")
     return {"resume_s": seconds, "replay_bytes": replay_bytes, "peak_rss_bytes": peak - baseline}
 
 

@@ -33,7 +33,7 @@ def main() -> None:
     capacity = args.transitions // num_envs
     replay = FrameReplay(num_envs, capacity, n_step=7, gamma=0.99, max_k=2)
     replay.reset(env.observe())
-    for _ in range(capacity):  # fill every slot once (the ring's pages are touched lazily)
+    for _ in range(capacity):  # fill every slot once
         actions = rng.integers(0, 15, size=num_envs)
         rewards, frames, firsts = env.step(actions)
         replay.add(actions, rewards, firsts, frames)

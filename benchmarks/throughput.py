@@ -193,7 +193,7 @@ def main() -> None:
     torch._dynamo.config.cache_size_limit = 64  # one compile per fresh module instance below
     log_dir = tempfile.mkdtemp(prefix="driml_bench_")
     lambdas = {"c51": 0.0, "driml": 1.0}
-    rows = [measure(args, name, lambdas[name], log_dir) for name in args.learners.split(",")]
+    rows = [measure(args, name, lambdas[name], log_dir) for name in args.learners.split(",") if name]
     null_e2e = end_to_end(args, 0.0, log_dir, null=True)
     null_loop = learner_only(args, 0.0, log_dir, null=True)
     setting = (

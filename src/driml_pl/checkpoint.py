@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from driml_pl.replay import FrameReplay
 
 FORMAT = 1
-CHUNK = 64 << 20  # bytes per read/write call
+CHUNK = 16 << 20  # bytes per read/write call (also the most a resume holds beyond the replay)
 FRAME_COLUMNS = ("frames", "firsts")  # times a..b of a segment
 STEP_COLUMNS = ("actions", "rewards", "dones")  # times a-1..b-1 of a segment
 
