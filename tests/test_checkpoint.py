@@ -200,3 +200,21 @@ def _truncated(source: FrameReplay, t: int) -> FrameReplay:
     """The source ring as it was at time t (the script is deterministic: rebuild it up to t)."""
     replay, _ = scripted(capacity=source.capacity, n_step=3, max_k=4, steps=t)
     return replay
+
+
+@pytest.mark.slow
+def test_without_the_replay_checkpoints_are_small_and_a_resume_refills_it_with_a_warning(tmp_path):
+    run = tmp_path / "run"
+    crash = fit(run, "--checkpoint.save_replay", "false",
+                env={"DRIML_CRASH_AT": "after_commit", "DRIML_CRASH_AFTER": "2"}, check=False)  # fmt: skip
+    assert crash.returncode == -signal.SIGKILL
+    assert not (run / "checkpoints" / "replay").exists()  # no replay segments at all
+    unit_bytes = sum(p.stat().st_size for p in (run / "checkpoints" / "units").rglob("*") if p.is_file())
+    assert unit_bytes < 1_000_000  # counters, rngs, the emulator states: against 25 MB of replay
+    resumed = fit(run, "--checkpoint.save_replay", "false", "--ckpt_path", "last")
+    assert "refilled" in resumed.stderr and "not an exact continuation" in resumed.stderr
+    state = final_state(run)
+    assert state["global_step"] < 72  # the refill's env steps count in the budget: fewer updates than straight
+    assert state["global_step"] > 40
+    rows = logged(run)
+    assert float(rows[max(rows)]["rollout/env_steps"]) == BUDGET

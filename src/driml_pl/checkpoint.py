@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -361,11 +362,13 @@ class StreamCheckpointer:
             replay.t = int(replay_doc["t"])
             stream.load_state_dict_small(state, replay_restored=True)
         else:
-            rank_zero_warn(
-                "resuming without a saved replay (checkpoint.save_replay=false): the replay is refilled with "
-                "data.learning_starts env steps of the restored policy before updates go on; the run is not an exact "
-                "continuation"
-            )
+            if self.rank == 0:  # printed, not a warnings.warn: a user must see it even with warnings filtered
+                print(
+                    "driml_pl: warning: resuming without a saved replay (checkpoint.save_replay=false): the replay is "
+                    "refilled with data.learning_starts env steps of the restored policy before updates go on; the run "
+                    "is not an exact continuation",
+                    file=sys.stderr,
+                )
             stream.load_state_dict_small(state, replay_restored=False)
         self.segments = list(replay_doc["segments"]) if replay_doc["saved"] else []
         self.flushed_t = int(replay_doc["t"]) if replay_doc["saved"] else -1
