@@ -1,0 +1,77 @@
+"""Host time of each part of the data path, one at a time (the paper's sizes): where a null learner's 0.8 ms (CPU)
+or 3.7 ms (the lent H100 VM) per update goes.
+
+Parts: the replay upload of one vector step; anchor, horizon and gather sampling of a minibatch of 256; the actors'
+forward pass on 32 frames with its device -> host copy; the snapshot copy; Procgen stepping 32 envs with 4, 8 and
+16 threads; and the dispatch cost of 100 tiny tensor operations, as a yardstick of per-op host overhead.
+
+Usage: python benchmarks/data_path.py [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from driml_pl.horizon import Horizon
+from driml_pl.module import DRIML
+from driml_pl.replay import FrameReplay
+
+
+def timed(name: str, fn: Callable[[], object], device: str, n: int = 200) -> None:
+    for _ in range(10):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    print(f"| {name} | {(time.perf_counter() - start) / n * 1e3:.3f} |", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    device = parser.parse_args().device
+    replay = FrameReplay(32, 31_250, n_step=7, gamma=0.99, max_k=2, device=device)
+    frames = np.random.default_rng(0).integers(0, 255, (32, 64, 64, 3), dtype=np.uint8)
+    actions, rewards, dones = np.zeros(32, np.int64), np.zeros(32, np.float32), np.zeros(32, bool)
+    replay.reset(frames)
+    for _ in range(500):
+        replay.add(actions, rewards, dones, frames)
+    gen = torch.Generator(device=device).manual_seed(0)
+    horizon = Horizon("random", 2)
+
+    def sample() -> object:
+        env, t = replay.sample_anchors(gen, 256)
+        return replay.gather(env, t, horizon.sample(gen, 256), check=False)
+
+    model = DRIML().to(device)
+    model.sync_actor()
+    print(f"\n{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}\n")
+    print("| part | ms per call |\n|---|---|")
+    timed("replay.add: one vector step of 32 frames", lambda: replay.add(actions, rewards, dones, frames), device)
+    timed("sample + gather: minibatch of 256", sample, device)
+    timed("act_actor: 32 frames, with the device -> host copy", lambda: model.act_actor(replay.latest()), device)
+    timed("sync_actor: the snapshot copy", model.sync_actor, device)
+    zero = torch.zeros((), device=device)
+    timed("100 tiny tensor additions (dispatch yardstick)", lambda: [zero + 1 for _ in range(100)], device, n=20)
+    from procgen import ProcgenGym3Env
+
+    for threads in (4, 8, 16):
+        env = ProcgenGym3Env(num=32, env_name="bigfish", num_levels=500, use_sequential_levels=True,
+                             distribution_mode="easy", rand_seed=1, num_threads=threads)  # fmt: skip
+        act = np.zeros(32, dtype=np.int32)
+        step = lambda env=env, act=act: (env.act(act), env.observe())  # noqa: E731
+        timed(f"Procgen: 32 envs stepped, {threads} threads", step, device, n=300)
+        env.close()
+
+
+if __name__ == "__main__":
+    main()
