@@ -59,7 +59,7 @@ def smoke(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """CPU benchmarks (about 15 minutes): throughput tables at the CPU goal's size (batch 32, 64x64 input; 1 and 7
     updates per Lightning step) and with the paper's network and batch, checkpoint cost at two replay sizes, replay
-    memory."""
+    memory, and 1 vs 2 DDP ranks (gloo, CPU) at the same global batch."""
     install_project(session)
     small = ["--batch", "32", "--obs", "64", "64", "--num-envs", "16", "--replay-ratio", "4", "--updates", "140",
              "--replay-size", "20000", "--log-every", "10"]  # fmt: skip
@@ -68,6 +68,9 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/throughput.py", "--updates", "42", "--per-step", "7", *session.posargs)
     session.run("python", "benchmarks/checkpoint_cost.py")
     session.run("python", "benchmarks/replay_memory.py")
+    session.run("python", "benchmarks/ddp_throughput.py")  # 1 vs 2 gloo CPU ranks, same global batch
+    session.run("python", "benchmarks/ddp_throughput.py", "--batch", "128", "--num-envs", "32", "--replay-ratio", "8",
+                "--updates", "112", "--per-step", "7", "--log-every", "2", "--skip", "1")  # fmt: skip
 
 
 @nox.session(venv_backend="none")

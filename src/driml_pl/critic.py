@@ -7,17 +7,25 @@ side of a mixed term is broadcast to every position. GG is computed once (the re
 DRIML-noact (spec §2.8; the released ``infoNCE_Mnih_84x84`` and ``InfoNCE_no_action_loss``) has its own heads per
 term: LL and GG one head each, used on both sides (a symmetric critic); LG and GL a local and a global head each,
 which no other term uses.
+
+Under DDP (`DIMCritic.distribute`) every rank's candidates are gathered (with gradients flowing back to the rank that
+computed them), so each anchor is scored against the global batch's candidates exactly as on one device.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+import torch.distributed.nn.functional as dist_fn
 from torch import Tensor, nn
 
 from driml_pl.losses import infonce_loss, soft_clip
 from driml_pl.networks import ActionEncoder, Features, ResidualMLP
+
+# the autograd all-gather is deprecated in favour of a private module's; it is the public, tested one (see `_gather`)
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
 
 TERMS: tuple[str, ...] = ("ll", "lg", "gl", "gg")
 KIND_NAMES = {"l": "local", "g": "global"}
@@ -58,6 +66,7 @@ class DIMCritic(nn.Module):
             raise ValueError(f"unknown DIM terms {sorted(unknown)}; valid: {', '.join(TERMS)}")
         self.terms = tuple(t for t in TERMS if t in terms)
         self.rkhs_dim, self.clip = rkhs_dim, clip
+        self.rank, self.world_size = 0, 1  # set by `distribute` under DDP
         in_dim = {"l": local_channels, "g": global_dim}
         self.action_conditioned = action_conditioned
         if action_conditioned:
@@ -78,6 +87,21 @@ class DIMCritic(nn.Module):
                 }
             )
 
+    def distribute(self, rank: int, world_size: int) -> None:
+        """Score every anchor of this rank against the candidates of all ``world_size`` ranks (the global batch).
+
+        The candidates are all-gathered with ``torch.distributed.nn.functional.all_gather``, whose backward sends each
+        rank the gradients every rank's loss puts on its candidates; with DDP's averaging of the gradients the update
+        equals one device's on the global batch. Every rank must then compute the loss on every update (they do).
+        """
+        self.rank, self.world_size = rank, world_size
+
+    def _gather(self, v: Tensor) -> Tensor:
+        """The candidates of every rank, in rank order, along the batch dim (the global batch's order)."""
+        if self.world_size == 1:
+            return v
+        return torch.cat([_Contiguous.apply(part) for part in dist_fn.all_gather(v)], dim=0)
+
     def _heads(self, term: str) -> tuple[nn.Module, nn.Module]:
         if self.action_conditioned:
             return self.anchor_heads[term], self.candidate_heads[term]
@@ -85,7 +109,8 @@ class DIMCritic(nn.Module):
         return self.noact_heads[names[0]], self.noact_heads[names[-1]]
 
     def scores(self, anchor: Features, actions: Tensor, candidate: Features) -> dict[str, Tensor]:
-        """Score matrices per term, soft-clipped: (P, B, B) for terms with a local side, (B, B) for GG.
+        """Score matrices per term, soft-clipped: (P, B, B * N) for terms with a local side, (B, B * N) for GG, with N
+        the world size (`distribute`): this rank's anchors against the global batch's candidates.
 
         Shape:
             anchor, candidate: Features of s_t and s_{t+k} (local (B, C, H, W), global (B, D)); actions: (B,).
@@ -104,13 +129,28 @@ class DIMCritic(nn.Module):
         out = {}
         for term in self.terms:
             anchor_head, candidate_head = self._heads(term)
-            u, v = anchor_head(inputs[term[0]]), candidate_head(targets[term[1]])
+            u, v = anchor_head(inputs[term[0]]), self._gather(candidate_head(targets[term[1]]))
             out[term] = soft_clip(pairwise_scores(u, v) / math.sqrt(self.rkhs_dim), self.clip)
         return out
 
     def forward(self, anchor: Features, actions: Tensor, candidate: Features) -> dict[str, Tensor]:
-        """InfoNCE loss per term (scalars)."""
-        return {t: infonce_loss(s) for t, s in self.scores(anchor, actions, candidate).items()}
+        """InfoNCE loss per term (scalars): the mean over this rank's anchors, whose positives are this rank's
+        candidates (offset ``rank * B`` among the gathered ones)."""
+        offset = self.rank * actions.shape[0]
+        return {t: infonce_loss(s, offset) for t, s in self.scores(anchor, actions, candidate).items()}
+
+
+class _Contiguous(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: the all-gather's backward hands the gradients to a
+    collective (an all-to-all on gloo), which reads a strided gradient (here a slice of an einsum's) wrongly."""
+
+    @staticmethod
+    def forward(ctx: object, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: object, grad: Tensor) -> Tensor:
+        return grad.contiguous()
 
 
 def _noact_head_names(term: str) -> list[tuple[str, str]]:

@@ -3,6 +3,11 @@
 Each ``next()`` steps this rank's envs with the current online network until the replay ratio allows one more
 update, then yields one `Batch` drawn with a single index array. Lightning fetches one batch ahead, so acting runs one
 update ahead of ``training_step``. The stream stops exactly at the env-step budget.
+
+Under DDP the config values stay global (they describe the algorithm, not the hardware): each of N ranks runs
+``num_envs / N`` envs, holds ``replay_size / N`` transitions and samples ``batch_size / N`` of every update's global
+batch; the budget, learning starts, epsilon schedule and replay ratio count global env steps, so one rank and N ranks
+make the same updates of the same global batch on the same amount of data.
 """
 
 from __future__ import annotations
@@ -46,14 +51,14 @@ class ReplayStream(IterableDataset):
     Args:
         collector: this rank's envs + replay.
         horizon: how the InfoNCE horizon k is drawn.
-        batch_size: samples per update (paper: 256).
-        replay_ratio: sampled transitions per env step, i.e. one update per batch_size / replay_ratio env steps
-            (paper: 8, 7 updates per 224 env steps).
-        learning_starts: env steps on this rank before the first update.
+        batch_size: samples per update drawn by this rank (its share of the global batch; paper: 256 in all).
+        replay_ratio: sampled transitions per env step, i.e. one update per global batch / replay_ratio global env
+            steps (paper: 8, 7 updates per 224 env steps).
+        learning_starts: global env steps (all ranks) before the first update.
         env_step_budget: env steps on this rank; the stream ends exactly there.
         updates_per_epoch: updates per `__iter__` (an epoch), so epoch-end hooks fire.
         epsilon: exploration schedule, read with the global env-step count.
-        world_size: number of ranks (global env steps = world_size * local).
+        world_size: number of ranks (global env steps = world_size * local; global batch = world_size * batch_size).
         effective: (15,) raw -> effective action map of the game (used by the adaptive horizon).
         sample_seed: seed of the sampling generator (anchors, horizons), which lives on the replay's device.
         updates_per_batch: minibatches handed out per ``next()`` (per Lightning step), each drawn right after the
@@ -116,13 +121,18 @@ class ReplayStream(IterableDataset):
         return self.collector.env_steps >= self.env_step_budget and self.allowed_updates() <= self.updates
 
     def allowed_updates(self, env_steps: int | None = None) -> int:
-        """Updates the replay ratio allows after ``env_steps`` (default: those taken so far) on this rank."""
+        """Updates the replay ratio allows after ``env_steps`` (default: those taken so far) on this rank.
+
+        Counted globally (every rank steps alike): the global env steps past ``learning_starts`` times the ratio
+        over the global batch, so N ranks allow exactly the updates one rank would.
+        """
         steps = self.collector.env_steps if env_steps is None else env_steps
-        collected = steps - self.learning_starts
-        return max(0, math.floor(collected * self.replay_ratio / self.batch_size)) if collected >= 0 else 0
+        collected = steps * self.world_size - self.learning_starts
+        global_batch = self.batch_size * self.world_size
+        return max(0, math.floor(collected * self.replay_ratio / global_batch)) if collected >= 0 else 0
 
     def current_epsilon(self) -> float:
-        return self.epsilon(self.collector.env_steps * self.world_size, self.learning_starts * self.world_size)
+        return self.epsilon(self.collector.env_steps * self.world_size, self.learning_starts)
 
     def _needs_step(self) -> bool:
         return self.allowed_updates() <= self.updates or self.collector.replay.num_valid() == 0
@@ -204,7 +214,14 @@ class ReplayStream(IterableDataset):
             k = self.horizon.sample(gen, self.batch_size)
         s = replay.gather(env, t, k, check=False)
         c = self.collector
-        stats = RolloutStats(c.env_steps, c.episodes, c.mean_return(), c.mean_length(), self.current_epsilon())
+        stats = RolloutStats(
+            c.env_steps,
+            c.episodes,
+            c.mean_return(),
+            c.mean_length(),
+            self.current_epsilon(),
+            recent=len(c.recent_returns),
+        )
         return Batch(
             obs=s.obs,
             action=s.action,
@@ -266,17 +283,23 @@ class ReplayStream(IterableDataset):
             self.load_state_dict(state)
             if not replay_restored:
                 self.collector.restart_replay()
-                self.learning_starts += max(self.learning_starts, self.collector.env.num_envs)
+                self.learning_starts += max(self.learning_starts, self.collector.env.num_envs * self.world_size)
 
 
 class DRIMLDataModule(pl.LightningDataModule):
     """Procgen envs, the frame replay and the replay stream for one rank.
 
+    Every count is global, whatever the number of ranks N: ``env.num_envs``, ``replay_size`` and ``batch_size`` are
+    split evenly over the ranks (each must be a multiple of N) and the budget, learning starts and epsilon schedule
+    count the env steps of all ranks.
+
     Args:
-        env: Procgen settings (each rank runs ``env.num_envs`` envs).
-        total_env_steps: env-step budget over all ranks (paper: 50M); must be a multiple of num_envs * world size.
-        replay_size: transitions held per rank (paper: 1M, about 12.3 GB of uint8 frames).
-        batch_size: samples per update (paper: 256).
+        env: Procgen settings (``env.num_envs`` envs in all: each rank runs ``num_envs / N``).
+        total_env_steps: env-step budget over all ranks (paper: 50M); must be a multiple of env.num_envs.
+        replay_size: transitions held over all ranks (paper: 1M, about 12.3 GB of uint8 frames; N ranks hold 1M / N
+            each).
+        batch_size: samples per update, the global batch (paper: 256; each rank samples ``batch_size / N`` from its
+            own replay).
         replay_ratio: sampled transitions per env step (paper: 8).
         learning_starts: env steps (global) before the first update (paper: 1000).
         n_step: return horizon (paper: 7).
@@ -375,12 +398,20 @@ class DRIMLDataModule(pl.LightningDataModule):
         return module.continuation_snapshot if getattr(module, "pair_model", None) is not None else None  # type: ignore[return-value]
 
     def check_budget(self, world_size: int) -> None:
-        """The budget is honoured exactly, so it must split into whole vector steps on every rank."""
-        per_step = self.env_config.num_envs * world_size
+        """The global envs, replay and batch split evenly over the ranks, and the budget is honoured exactly, so it
+        must split into whole vector steps (of all ranks' envs)."""
+        for key, value in (("env.num_envs", self.env_config.num_envs), ("replay_size", self.replay_size),
+                           ("batch_size", self.batch_size)):  # fmt: skip
+            if value % world_size:
+                raise ValueError(
+                    f"data.{key}={value} is not allowed: must be a multiple of the world size {world_size} "
+                    f"(trainer.devices x num_nodes; it is the global value, split evenly over the ranks)"
+                )
+        per_step = self.env_config.num_envs
         if self.total_env_steps % per_step:
             raise ValueError(
-                f"data.total_env_steps={self.total_env_steps} is not a multiple of env.num_envs * world size "
-                f"= {per_step}; pick a multiple (e.g. {self.total_env_steps // per_step * per_step or per_step})"
+                f"data.total_env_steps={self.total_env_steps} is not a multiple of env.num_envs = {per_step}; pick a "
+                f"multiple (e.g. {self.total_env_steps // per_step * per_step or per_step})"
             )
 
     def setup(self, stage: str) -> None:
@@ -389,16 +420,17 @@ class DRIMLDataModule(pl.LightningDataModule):
         rank, world = self._rank()
         self.check_budget(world)
         env_seed, rng = rank_seeds(self.seed, rank)
-        env = ProcgenVecEnv(self.env_config, env_seed)
-        capacity = self.replay_size // self.env_config.num_envs
-        replay = FrameReplay(self.env_config.num_envs, capacity, self.n_step, self.gamma,
+        local_envs = self.env_config.num_envs // world  # every count of the config is global: split over the ranks
+        env = ProcgenVecEnv(replace(self.env_config, num_envs=local_envs), env_seed)
+        capacity = self.replay_size // world // local_envs
+        replay = FrameReplay(local_envs, capacity, self.n_step, self.gamma,
                              self.horizon.max_k, self.frame_stack, self._replay_device())  # fmt: skip
         self.stream = ReplayStream(
             Collector(env, replay, rng),
             self.horizon,
-            self.batch_size,
+            self.batch_size // world,
             self.replay_ratio,
-            learning_starts=math.ceil(self.learning_starts / world),
+            learning_starts=self.learning_starts,
             env_step_budget=self.total_env_steps // world,
             updates_per_epoch=self.updates_per_epoch,
             updates_per_batch=self.updates_per_batch,

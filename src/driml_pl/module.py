@@ -33,7 +33,7 @@ from driml_pl.envs import NUM_ACTIONS
 from driml_pl.losses import c51_cross_entropy, categorical_projection
 from driml_pl.networks import Features, QNetwork, preprocess
 from driml_pl.remap import effective_actions
-from driml_pl.types import Batch
+from driml_pl.types import Batch, RolloutStats
 
 # batches from the replay are already on the learner's device; the module's transfer hook (below) says so
 warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`")
@@ -168,6 +168,8 @@ class DRIML(pl.LightningModule):
     def setup(self, stage: str) -> None:
         if torch.cuda.is_available() and self.trainer.strategy.root_device.type == "cuda":
             torch.set_float32_matmul_precision(self.matmul_precision)
+        if stage == "fit" and self.trainer.world_size > 1:  # InfoNCE negatives from the global batch
+            self.critic.distribute(self.trainer.global_rank, self.trainer.world_size)
 
     def _core(self) -> Any:
         """`core_losses`, or its compiled form (built at the first update, once the module is on its device)."""
@@ -316,10 +318,17 @@ class DRIML(pl.LightningModule):
         self._metrics.add(out, batch.k, self.global_step)  # global_step now counts this update: it is update N
 
     def _log_metrics(self, batch: Batch) -> None:
-        """Means since the last log of the loss terms and of k, the continuation statistics and the rollout."""
+        """Means since the last log of the loss terms and of k, the continuation statistics and the rollout.
+
+        Under DDP every value is global: the loss terms and k statistics are averaged over the ranks (each holds an
+        equal share of the global batch, so this is the global batch's mean) and the episode statistics summed over
+        them. These are collectives; every rank logs on the same (global) steps.
+        """
         values = self._metrics.read_and_reset()
-        self.log_dict({f"train/{k}": v for k, v in values.items() if not k.startswith("horizon/")}, batch_size=1)
-        self.log_dict({k: v for k, v in values.items() if k.startswith("horizon/")}, batch_size=1)
+        sync = self.trainer.world_size > 1
+        train = {f"train/{k}": v for k, v in values.items() if not k.startswith("horizon/")}
+        self.log_dict(train, batch_size=1, sync_dist=sync)
+        self.log_dict({k: v for k, v in values.items() if k.startswith("horizon/")}, batch_size=1, sync_dist=sync)
         if self.pair_model is not None:
             probs = self.pair_model.continuation()
             visible = self.pair_model.visible
@@ -331,19 +340,33 @@ class DRIML(pl.LightningModule):
             }, batch_size=1)  # fmt: skip
         stats, world = batch.stats, self.trainer.world_size
         env_steps = int(stats.env_steps) * world
-        # env steps are exact globally (every rank steps alike); episode statistics are this rank's (rank 0 logs)
+        # env steps and epsilon are exact globally (every rank steps alike); episode statistics are reduced
         self.log("rollout/env_steps", float(env_steps), prog_bar=True, reduce_fx="max", batch_size=1)
         self.log("rollout/epsilon", float(stats.epsilon), batch_size=1)
-        self.log("rollout/episodes", float(stats.episodes), batch_size=1)
-        if not np.isnan(stats.episode_return):
-            self.log("rollout/episode_return", float(stats.episode_return), prog_bar=True, batch_size=1)
-            self.log("rollout/episode_length", float(stats.episode_length), batch_size=1)
+        episodes, episode_return, episode_length = self._global_episodes(stats)
+        self.log("rollout/episodes", episodes, batch_size=1)
+        if not np.isnan(episode_return):
+            self.log("rollout/episode_return", episode_return, prog_bar=True, batch_size=1)
+            self.log("rollout/episode_length", episode_length, batch_size=1)
         now, updates = time.perf_counter(), self.global_step
         if self._perf is not None and now > self._perf[0]:
             t0, e0, u0 = self._perf
             self.log("perf/env_steps_per_s", (env_steps - e0) / (now - t0), prog_bar=True, batch_size=1)
             self.log("perf/updates_per_s", (updates - u0) / (now - t0), batch_size=1)
         self._perf = (now, env_steps, updates)
+
+    def _global_episodes(self, stats: RolloutStats) -> tuple[float, float, float]:
+        """Finished episodes of all ranks, and the mean return and length over every rank's recent episodes (its last
+        100): one all-reduce of sums and counts under DDP (a collective, on logging steps only)."""
+        if self.trainer.world_size == 1:
+            return float(stats.episodes), float(stats.episode_return), float(stats.episode_length)
+        n = stats.recent
+        sums = [stats.episodes, stats.episode_return * n if n else 0.0, stats.episode_length * n if n else 0.0, n]
+        local = torch.tensor(sums, dtype=torch.float64, device=self.device)
+        episodes, ret, length, count = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
+        if count == 0:
+            return episodes, float("nan"), float("nan")
+        return episodes, ret / count, length / count
 
     # -------------------------------------------------------------------------------------- numerical faults
     def check_finite(self, all_ranks: bool = False) -> None:

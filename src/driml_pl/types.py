@@ -16,6 +16,7 @@ class RolloutStats(NamedTuple):
     episode_length: float  # mean length of the same episodes, nan before the first one
     epsilon: float  # exploration rate used for the last env step
     last: bool = False  # the last update the env-step budget allows
+    recent: int = 0  # finished episodes the two means cover (this rank's last 100 at most)
 
 
 class Batch(NamedTuple):

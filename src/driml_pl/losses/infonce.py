@@ -13,15 +13,20 @@ def soft_clip(scores: Tensor, cap: float) -> Tensor:
     return cap * torch.tanh(scores / cap)
 
 
-def infonce_loss(scores: Tensor) -> Tensor:
-    """Mean over leading dims and anchors of ``-log softmax_j(scores)[..., i, i]``.
+def infonce_loss(scores: Tensor, offset: int = 0) -> Tensor:
+    """Mean over leading dims and anchors of ``-log softmax_j(scores)[..., i, offset + i]``.
 
     ``scores[..., i, j]`` is the critic's score of anchor ``i`` against candidate ``j``; the positive pair of anchor
-    ``i`` is candidate ``i`` (the diagonal) and the other ``B - 1`` candidates are its negatives. With uniform scores
-    the loss is ``log B``. Leading dims (e.g. spatial positions for local terms) are independent softmaxes.
+    ``i`` is candidate ``offset + i`` and the other ``C - 1`` candidates are its negatives. With a square matrix and
+    ``offset = 0`` the positives are the diagonal; under DDP a rank scores its ``B`` anchors against the ``C``
+    candidates of the global batch, its own starting at ``offset = rank * B``. With uniform scores the loss is
+    ``log C``. Leading dims (e.g. spatial positions for local terms) are independent softmaxes.
 
     Shape:
-        scores: (..., B, B). Returns: scalar.
+        scores: (..., B, C) with ``offset + B <= C``. Returns: scalar.
     """
+    b, c = scores.shape[-2:]
+    if not 0 <= offset <= c - b:
+        raise ValueError(f"{b} anchors from offset {offset} do not fit {c} candidates")
     log_probs = torch.log_softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1)
-    return -torch.diagonal(log_probs, dim1=-2, dim2=-1).mean()
+    return -torch.diagonal(log_probs, offset=offset, dim1=-2, dim2=-1).mean()
