@@ -40,6 +40,8 @@ warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_t
 # training_step fetches its own batch (see its docstring) and consumes the iterator once per step, as Lightning asks
 warnings.filterwarnings("ignore", message="You are using the `dataloader_iter` step flavor")
 warnings.filterwarnings("ignore", message="Found `dataloader_iter` argument in the `training_step`")
+# printed by torch's own compiler (inductor) while compiling the loss; nothing a user can act on
+warnings.filterwarnings("ignore", message=r"`torch._prims_common.check` is deprecated", category=FutureWarning)
 
 K_LOGGED = 13  # horizons logged one by one (the paper's cap for DRIML-ada)
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
