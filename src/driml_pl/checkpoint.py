@@ -185,6 +185,47 @@ def _load_small_npy(path: Path, crc: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- replay
+def checkpoint_meta(game: str, num_envs: int, replay_size: int, frame_stack: int, world_size: int | None) -> dict:
+    """Settings a resume must share with the checkpoint, under their config keys (named in errors); a None value
+    (the world size before the trainer exists) is not compared."""
+    return {
+        "data.env.game": game,
+        "data.env.num_envs": num_envs,
+        "data.replay_size": replay_size,
+        "data.frame_stack": frame_stack,
+        "world_size": world_size,
+    }
+
+
+def _check_meta(saved: dict[str, Any], meta: dict[str, Any]) -> None:
+    for key, value in saved.items():
+        if meta.get(key) is not None and meta[key] != value:
+            raise CheckpointError(
+                f"{key}={meta[key]!r} does not fit the checkpoint, which was written with {key}={value!r}"
+            )
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """A rank's ``state.json``, checked against its ``state.crc``."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing (the checkpoint unit is incomplete)")
+    body = path.read_bytes()
+    crc_path = path.with_name("state.crc")
+    if not crc_path.is_file() or crc_path.read_text().strip() != str(zlib.crc32(body)):
+        raise CheckpointError(f"checkpoint file {path} is corrupt (CRC mismatch: truncated or altered)")
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint file {path} is corrupt ({err})") from None
+
+
+def _column_times(column: str, first: int, last: int) -> tuple[int, int]:
+    """The times of a column held by segment ``first..last``: frames and firsts ``first..last``, the step columns
+    ``first-1..last-1`` (from 0)."""
+    lo, hi = (first, last) if column in FRAME_COLUMNS else (first - 1, last - 1)
+    return max(lo, 0), hi
+
+
 def _segment_name(first: int, last: int) -> str:
     return f"seg-{first:012d}-{last:012d}"
 
@@ -200,8 +241,7 @@ def write_segment(replay: FrameReplay, root: Path, first: int, last: int) -> dic
     crcs: dict[str, int] = {}
     cap = replay.capacity
     for column in FRAME_COLUMNS + STEP_COLUMNS:
-        lo, hi = (first, last) if column in FRAME_COLUMNS else (first - 1, last - 1)
-        lo = max(lo, 0)
+        lo, hi = _column_times(column, first, last)
         data = getattr(replay, column)
         if hi < lo:
             part = data[:0]
@@ -225,8 +265,7 @@ def read_segments(replay: FrameReplay, root: Path, segments: list[dict[str, Any]
     oldest = max(0, t - cap + 1)
     for seg in segments:
         for column in FRAME_COLUMNS + STEP_COLUMNS:
-            lo, hi = (seg["first"], seg["last"]) if column in FRAME_COLUMNS else (seg["first"] - 1, seg["last"] - 1)
-            lo = max(lo, 0)
+            lo, hi = _column_times(column, seg["first"], seg["last"])
             data: torch.Tensor = getattr(replay, column)
             count = max(0, hi - lo + 1)
             row_bytes = data[0].numel() * data.element_size()
@@ -286,7 +325,7 @@ class StreamCheckpointer:
             self.flushed_t = t
             oldest = t - replay.capacity + 1
             self.segments = [s for s in self.segments if s["last"] >= oldest]
-        state = stream.state_dict_small()
+        state = stream.state_dict()
         target = self.unit_dir(unit)
         tmp = target.parent / f".tmp-{target.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -329,23 +368,10 @@ class StreamCheckpointer:
     def read(self, stream: ReplayStream, unit: str, step: int, meta: dict[str, Any]) -> None:
         directory = self.unit_dir(unit)
         path = directory / "state.json"
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing (the checkpoint unit is incomplete)")
-        body = path.read_bytes()
-        crc_path = directory / "state.crc"
-        if not crc_path.is_file() or crc_path.read_text().strip() != str(zlib.crc32(body)):
-            raise CheckpointError(f"checkpoint file {path} is corrupt (CRC mismatch: truncated or altered)")
-        try:
-            document = json.loads(body)
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"checkpoint file {path} is corrupt ({err})") from None
+        document = _read_state(path)
         if document.get("format") != FORMAT or document.get("global_step") != step:
             raise CheckpointError(f"checkpoint file {path} does not belong to the checkpoint of update {step}")
-        for key, value in document["meta"].items():
-            if meta.get(key) != value:
-                raise CheckpointError(
-                    f"{key}={meta.get(key)!r} does not fit the checkpoint, which was written with {key}={value!r}"
-                )
+        _check_meta(document["meta"], meta)
         replay_doc = document["replay"]
         replay = stream.collector.replay
         crc = document["crc"]
@@ -360,7 +386,7 @@ class StreamCheckpointer:
         if replay_doc["saved"]:
             read_segments(replay, self.replay_root, replay_doc["segments"], replay_doc["t"])
             replay.t = int(replay_doc["t"])
-            stream.load_state_dict_small(state, replay_restored=True)
+            stream.load_state_dict(state, replay_restored=True)
         else:
             if self.rank == 0:  # printed, not a warnings.warn: a user must see it even with warnings filtered
                 print(
@@ -369,7 +395,7 @@ class StreamCheckpointer:
                     "is not an exact continuation",
                     file=sys.stderr,
                 )
-            stream.load_state_dict_small(state, replay_restored=False)
+            stream.load_state_dict(state, replay_restored=False)
         self.segments = list(replay_doc["segments"]) if replay_doc["saved"] else []
         self.flushed_t = int(replay_doc["t"]) if replay_doc["saved"] else -1
 
@@ -405,8 +431,8 @@ def _check_segment_sizes(root: Path, replay: dict[str, Any]) -> None:
         return
     for seg in replay["segments"]:
         for column, (tail, dtype) in _COLUMN_LAYOUT.items():
-            lo, hi = (seg["first"], seg["last"]) if column in FRAME_COLUMNS else (seg["first"] - 1, seg["last"] - 1)
-            count = max(0, hi - max(lo, 0) + 1)
+            lo, hi = _column_times(column, seg["first"], seg["last"])
+            count = max(0, hi - lo + 1)
             shape = (count, int(replay["num_envs"]), *tail)
             expected = len(_npy_header(shape, dtype)) + torch.empty(0, dtype=dtype).element_size() * int(np.prod(shape))
             path = root / seg["name"] / f"{column}.npy"
@@ -440,21 +466,9 @@ def check_resumable(ckpt_path: Path, meta: dict[str, Any]) -> None:
             f"with {world} ranks"
         )
     for rank in range(int(world or 0)):
-        path = ckpt_path.parent / "units" / unit / f"rank{rank}" / "state.json"
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing (the checkpoint unit is incomplete)")
-        body = path.read_bytes()
-        crc_path = path.with_name("state.crc")
-        if not crc_path.is_file() or crc_path.read_text().strip() != str(zlib.crc32(body)):
-            raise CheckpointError(f"checkpoint file {path} is corrupt (CRC mismatch: truncated or altered)")
-        document = json.loads(body)
+        document = _read_state(ckpt_path.parent / "units" / unit / f"rank{rank}" / "state.json")
         _check_segment_sizes(ckpt_path.parent / "replay" / f"rank{rank}", document["replay"])
-        saved = document["meta"]
-        for key, value in saved.items():
-            if key != "world_size" and meta.get(key) != value:
-                raise CheckpointError(
-                    f"{key}={meta.get(key)!r} does not fit the checkpoint, which was written with {key}={value!r}"
-                )
+        _check_meta({k: v for k, v in document["meta"].items() if k != "world_size"}, meta)  # compared above
 
 
 # ------------------------------------------------------------------------------------------------ callback

@@ -28,7 +28,7 @@ from pytorch_lightning.strategies.launchers.subprocess_script import _Subprocess
 from rich.console import Console
 
 from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
-from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
+from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable, checkpoint_meta
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
 from driml_pl.module import DRIML, NonFiniteLossError
@@ -109,14 +109,9 @@ class DRIMLCLI(LightningCLI):
         else:
             path = Path(ckpt_path)
         data = config.data
-        meta = {
-            "data.env.game": data.env.game,
-            "data.env.num_envs": data.env.num_envs,
-            "data.replay_size": data.replay_size,
-            "data.frame_stack": data.frame_stack,
-            "world_size": None,
-        }
-        check_resumable(path, meta)
+        check_resumable(
+            path, checkpoint_meta(data.env.game, data.env.num_envs, data.replay_size, data.frame_stack, None)
+        )
 
     def _known_keys(self, subcommand: str | None) -> list[str]:
         parsers = getattr(self, "_subcommand_parsers", {})

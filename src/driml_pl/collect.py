@@ -122,12 +122,12 @@ class Collector:
     def mean_length(self) -> float:
         return float(np.mean(self.recent_lengths)) if self.recent_lengths else float("nan")
 
-    def state_dict(self, include_replay: bool = True) -> dict[str, Any]:
-        """Everything needed to continue: counters, episode accumulators, rng, env emulator state and (optionally;
-        the checkpoint unit persists it incrementally instead) the replay."""
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue but the replay (the checkpoint unit persists that incrementally): counters,
+        episode accumulators, rng and env emulator state."""
         if self._pending is not None:
             raise RuntimeError("a vector step is in flight; checkpoints are taken between steps")
-        state = {
+        return {
             "env_steps": self.env_steps,
             "episodes": self.episodes,
             "recent_returns": list(self.recent_returns),
@@ -137,15 +137,9 @@ class Collector:
             "rng": self.rng.bit_generator.state,
             "env_state": self.env.get_state(),
         }
-        if include_replay:
-            state["replay"] = self.replay.state_dict()
-        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore; without a ``replay`` entry the ring is left as it is (the checkpoint unit filled it, or it is
-        restarted from the envs' current frames by `restart_replay`)."""
-        if "replay" in state:
-            self.replay.load_state_dict(state["replay"])
+        """Restore; the ring is left as it is (the checkpoint unit filled it, or `restart_replay` restarts it)."""
         self.env.set_state(list(state["env_state"]))
         self.env_steps = int(state["env_steps"])
         self.episodes = int(state["episodes"])

@@ -253,34 +253,23 @@ class ReplayStream(IterableDataset):
         return self.updates_per_epoch // self.updates_per_batch
 
     def state_dict(self) -> dict[str, Any]:
-        self.settle()
-        return {
-            "updates": self.updates,
-            "generator": self.generator.get_state(),
-            "collector": self.collector.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.collector.load_state_dict(state["collector"])
-        self.generator.set_state(torch.as_tensor(state["generator"]))
-        self.updates = int(state["updates"])
-        self.learning_starts = int(state.get("learning_starts", self.learning_starts))
-
-    def state_dict_small(self) -> dict[str, Any]:
         """The stream's state without the replay (the checkpoint unit persists the replay incrementally)."""
         self.settle()
         return {
             "updates": self.updates,
             "learning_starts": self.learning_starts,
             "generator": self.generator.get_state().numpy(),
-            "collector": self.collector.state_dict(include_replay=False),
+            "collector": self.collector.state_dict(),
         }
 
-    def load_state_dict_small(self, state: dict[str, Any], replay_restored: bool) -> None:
-        """Restore from `state_dict_small`; without the replay, refill it first: ``learning_starts`` more env steps
+    def load_state_dict(self, state: dict[str, Any], replay_restored: bool = True) -> None:
+        """Restore from `state_dict`; without the replay, refill it first: ``learning_starts`` more env steps
         (counted in the budget) before updates go on at the same ratio, instead of a burst of catch-up updates."""
         with self._on_data_stream():
-            self.load_state_dict(state)
+            self.collector.load_state_dict(state["collector"])
+            self.generator.set_state(torch.as_tensor(state["generator"]))
+            self.updates = int(state["updates"])
+            self.learning_starts = int(state["learning_starts"])
             if not replay_restored:
                 self.collector.restart_replay()
                 self.learning_starts += max(self.learning_starts, self.collector.env.num_envs * self.world_size)
@@ -528,13 +517,12 @@ class DRIMLDataModule(pl.LightningDataModule):
     # ----------------------------------------------------------------------------------------- checkpoints
     def _checkpoint_meta(self, world_size: int | None = None) -> dict[str, Any]:
         """Settings a resume must share with the checkpoint (named by their config keys in errors)."""
-        return {
-            "data.env.game": self.env_config.game,
-            "data.env.num_envs": self.env_config.num_envs,
-            "data.replay_size": self.replay_size,
-            "data.frame_stack": self.frame_stack,
-            "world_size": self._rank()[1] if world_size is None else world_size,
-        }
+        from driml_pl.checkpoint import checkpoint_meta
+
+        world = self._rank()[1] if world_size is None else world_size
+        return checkpoint_meta(
+            self.env_config.game, self.env_config.num_envs, self.replay_size, self.frame_stack, world
+        )
 
     def _checkpointer(self, directory: Path) -> StreamCheckpointer:
         from driml_pl.checkpoint import CheckpointConfig, StreamCheckpointer

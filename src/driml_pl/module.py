@@ -418,11 +418,6 @@ class DRIML(pl.LightningModule):
         if "driml_metrics" in checkpoint:
             self._metrics.load_state_dict(checkpoint["driml_metrics"])
 
-    def continuation_matrix(self) -> Tensor:
-        """DRIML-ada's current continuation probabilities (15, 15), read by the replay stream."""
-        assert self.pair_model is not None, "only built with adaptive_horizon=true"
-        return self.pair_model.continuation()
-
     def sync_target(self) -> None:
         """Hard copy of the online network into the target network."""
         self.target.load_state_dict(self.online.state_dict())

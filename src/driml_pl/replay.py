@@ -233,27 +233,6 @@ class FrameReplay:
             t=t,
         )
 
-    # ------------------------------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """The whole ring as host tensors (the checkpoint unit writes them without pickle)."""
-        return {
-            "t": self.t,
-            "frames": self.frames.cpu(),
-            "actions": self.actions.cpu(),
-            "rewards": self.rewards.cpu(),
-            "dones": self.dones.cpu(),
-            "firsts": self.firsts.cpu(),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in ("frames", "actions", "rewards", "dones", "firsts"):
-            saved = torch.as_tensor(state[name])
-            mine: Tensor = getattr(self, name)
-            if tuple(saved.shape) != tuple(mine.shape):
-                raise ValueError(f"saved replay {name} has shape {tuple(saved.shape)}, this run expects {mine.shape}")
-            mine.copy_(saved)
-        self.t = int(state["t"])
-
 
 class _Staging:
     """Host -> device uploads of one vector step.
