@@ -151,9 +151,10 @@ def test_every_paper_variant_runs_end_to_end_and_is_classified(tmp_path, variant
     from driml_pl.report import classify
 
     root = tmp_path / "{game}" / "seed{seed}"
-    args = tiny_args(root, budget=256, config=CONF / "paper" / f"{variant}.yaml", **{"--data.env.game": "coinrun"})
-    main(args)
-    run = tmp_path / "coinrun" / "seed0"  # the templated run directory
+    seed = 2 if variant == "ada" else 0  # DRIML-ada's A and negative shuffles follow the run's seed
+    overrides = {"--data.env.game": "coinrun", "--seed_everything": seed}
+    main(tiny_args(root, budget=256, config=CONF / "paper" / f"{variant}.yaml", **overrides))
+    run = tmp_path / "coinrun" / f"seed{seed}"  # the templated run directory
     rows = read_metrics(run)
     assert last_value(rows, "rollout/env_steps") == 256
     assert math.isfinite(last_value(rows, "train/c51_loss"))
@@ -166,6 +167,8 @@ def test_every_paper_variant_runs_end_to_end_and_is_classified(tmp_path, variant
         cont = last_value(rows, "horizon/continuation_mean")
         assert 1.0 <= k_mean <= 13 and 0.05 <= cont <= 0.95
         assert math.isfinite(last_value(rows, "train/pair_loss"))
+        hparams = yaml.safe_load((run / "logs" / "version_0" / "hparams.yaml").read_text())
+        assert hparams["seed"] == 2 and hparams["continuation_map"] == config["model"]["continuation_map"]
 
 
 def test_validate_and_test_play_episodes_from_a_checkpoint(run_dir):

@@ -48,6 +48,10 @@ CASES = {
     ),
     "negative_lambda_gg": (["--model.lambda_gg", "-1"], "model.lambda_gg=-1.0 is not allowed: a number >= 0"),
     "negative_lambda_ll": (["--model.lambda_ll", "-0.5"], "model.lambda_ll=-0.5 is not allowed: a number >= 0"),
+    "continuation_map": (
+        ["--model.continuation_map", "tanh"],
+        "model.continuation_map=tanh is not allowed: unknown continuation_map 'tanh'; valid: softmax, sigmoid",
+    ),
     "horizon_k_0": (["--data.horizon.k", "0"], "data.horizon.k=0 is not allowed: an integer >= 1"),
     "n_step_0": (["--data.n_step", "0"], "data.n_step=0 is not allowed: an integer >= 1"),
     "n_step_beyond_replay": (

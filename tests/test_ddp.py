@@ -67,7 +67,9 @@ def _global_batch() -> tuple[Tensor, ...]:
     frames = [torch.randint(0, 256, (GLOBAL_BATCH, 1, 64, 64, 3), generator=g, dtype=torch.uint8) for _ in range(3)]
     action = torch.randint(0, 15, (GLOBAL_BATCH,), generator=g)
     returns, discount = torch.randn(GLOBAL_BATCH, generator=g), torch.full((GLOBAL_BATCH,), 0.97)
-    return frames[0], action, returns, discount, frames[1], frames[2]
+    has_future = torch.ones(GLOBAL_BATCH)
+    has_future[[1, 6]] = 0.0  # two anchors with k = 0, one on each rank: the ranks' means still make the global one
+    return frames[0], action, returns, discount, frames[1], frames[2], has_future
 
 
 class _Losses(nn.Module):

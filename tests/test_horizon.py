@@ -87,7 +87,7 @@ def test_adaptive_horizon_follows_the_closed_form_nhg_law():
     gen = torch.Generator().manual_seed(0)
     windows = np.array([[4, 4, 4, 7, 7, 1, 1], [1, 7, 1, 7, 1, 7, 1], [9, 9, 9, 9, 9, 9, 9]])
     valid = np.ones((3, 6), dtype=bool)
-    valid[1, 0] = False  # s_t starts an episode: the first pair always continues
+    valid[1, 0] = False  # s_t starts an episode: the first pair averages over the previous action
     n = 60_000
     for row in range(3):
         probs = continuation_probs(
@@ -103,11 +103,112 @@ def test_adaptive_horizon_follows_the_closed_form_nhg_law():
         assert k.mean() == pytest.approx((np.arange(7) * pmf).sum(), abs=0.02)
 
 
+def test_a_pair_without_a_previous_action_averages_over_it():
+    """At an episode start there is no a_{t-1}: the first pair continues into a_t with the mean of A[., a_t] over the
+    game's effective actions, not for free."""
+    matrix = torch.arange(25, dtype=torch.float64).view(5, 5) / 25
+    visible = torch.tensor([True, False, True, True, False])
+    actions = torch.tensor([[1, 3, 3], [2, 3, 0]])
+    valid = torch.tensor([[False, True], [True, True]])
+    probs = continuation_probs(actions, valid, matrix, visible)
+    assert probs[0, 0].item() == pytest.approx((3 + 13 + 18) / 3 / 25)  # rows 0, 2, 3 of column 3
+    assert probs[0, 1].item() == pytest.approx(18 / 25)
+    assert probs[1].tolist() == pytest.approx([13 / 25, 15 / 25])
+    all_rows = continuation_probs(actions, valid, matrix)
+    assert all_rows[0, 0].item() == pytest.approx(matrix[:, 3].mean().item())
+
+
+def _train_pair_model(mapping: str, n_visible: int, successor, steps: int = 300) -> ActionPairModel:
+    torch.manual_seed(0)
+    visible = torch.zeros(15, dtype=torch.bool)
+    visible[:n_visible] = True
+    model = ActionPairModel(hidden=32, decay=0.9, eps=0.05, visible=visible, mapping=mapping)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        actions = successor(torch.randint(0, n_visible, (128, 1), generator=gen), gen, n_visible)
+        loss = model.loss(actions, torch.ones(128, actions.shape[1] - 1, dtype=torch.bool), gen)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for _ in range(80):
+        model.update_matrix()
+    return model
+
+
+def _independent(start, gen, n):
+    return torch.randint(0, n, (start.shape[0], 6), generator=gen)
+
+
+def _repeat_or_switch(start, gen, n):
+    """Keep the action with probability 0.8, else switch uniformly: the pair (a, a) is 4-5x more frequent than
+    chance."""
+    cols = [start[:, 0]]
+    for _ in range(5):
+        keep = torch.rand(start.shape[0], generator=gen) < 0.8
+        cols.append(torch.where(keep, cols[-1], torch.randint(0, n, (start.shape[0],), generator=gen)))
+    return torch.stack(cols, dim=1)
+
+
+@pytest.mark.parametrize("n_visible", [3, 9])
+def test_sigmoid_map_gives_chance_pairs_one_half_whatever_the_number_of_actions(n_visible):
+    """With independent actions the JSD critic cannot tell real pairs from shuffled ones: sigmoid(Q) -> 1/2 for
+    every pair, while the row softmax gives 1/N -- the shrinkage of issue 10."""
+    block = slice(0, n_visible)
+    sig = _train_pair_model("sigmoid", n_visible, _independent).matrix[block, block]
+    soft = _train_pair_model("softmax", n_visible, _independent).matrix[block, block]
+    assert (sig - 0.5).abs().max() < 0.08
+    assert (soft - 1 / n_visible).abs().max() < 0.05
+
+
+def test_sigmoid_map_continues_pairs_the_policy_chains_and_stops_the_others():
+    model = _train_pair_model("sigmoid", 9, _repeat_or_switch)
+    a = model.matrix[:9, :9]
+    # at the JSD optimum sigmoid(Q) = p / (p + q): repeats 0.82 / (0.82 + 1/9) = 0.88, switches 0.022 / 0.133 = 0.17
+    assert a.diagonal().min() > 0.8
+    assert a[~torch.eye(9, dtype=torch.bool)].max() < 0.3
+    assert model.matrix[:, 9:].max() < 1e-3  # nothing on actions the game does not have
+
+
+def test_pair_loss_masks_invalid_pairs_like_an_explicit_compaction():
+    torch.manual_seed(0)
+    model = ActionPairModel(hidden=16)
+    gen = torch.Generator().manual_seed(3)
+    actions = torch.randint(0, 15, (6, 4), generator=gen)
+    valid = torch.rand(6, 3, generator=gen) < 0.7
+    loss = model.loss(actions, valid, torch.Generator().manual_seed(5))
+    perm = torch.randperm(18, generator=torch.Generator().manual_seed(5))
+    first, second, ok = actions[:, :-1].reshape(-1), actions[:, 1:].reshape(-1), valid.reshape(-1)
+    pos = [i for i in range(18) if ok[i]]
+    neg = [i for i in range(18) if ok[i] and ok[perm[i]]]
+    with torch.no_grad():
+        expected = jsd_mi_loss(model.score(first[pos], second[pos]), model.score(first[neg], second[perm[neg]]))
+    torch.testing.assert_close(loss.detach(), expected)
+    assert model.loss(actions, torch.zeros_like(valid)).item() == 0.0  # no pair at all: no signal
+
+
+def test_run_seed_seeds_the_initial_matrix_and_the_negative_shuffle():
+    def model(seed: int) -> DRIML:
+        torch.manual_seed(0)
+        return DRIML(obs_size=(64, 64), feature_dim=32, rkhs_dim=16, adaptive_horizon=True, seed=seed)
+
+    a, b, a_again = model(0), model(1), model(0)
+    assert not torch.equal(a.pair_model.matrix, b.pair_model.matrix)
+    assert torch.equal(a.pair_model.matrix, a_again.pair_model.matrix)
+    draws = {}
+    for name, m in (("a", a), ("b", b), ("a_again", a_again)):
+        draws[name] = torch.randperm(100, generator=m._shuffle_generator())
+    assert torch.equal(draws["a"], draws["a_again"]) and not torch.equal(draws["a"], draws["b"])
+
+
 def test_jsd_loss_hand_values():
     zero = torch.zeros(4)
     assert jsd_mi_loss(zero, zero).item() == pytest.approx(0.0, abs=1e-7)
     big = torch.full((4,), 30.0)
     assert jsd_mi_loss(big, -big).item() == pytest.approx(-2 * math.log(2.0), abs=1e-6)  # the bound's maximum
+    mask = torch.tensor([True, False, True, False])
+    mixed = torch.tensor([30.0, -99.0, 30.0, 7.0])
+    assert jsd_mi_loss(mixed, -mixed, mask, mask).item() == pytest.approx(-2 * math.log(2.0), abs=1e-6)
 
 
 def test_action_pair_model_learns_a_deterministic_successor_and_smooths_the_matrix():

@@ -13,6 +13,7 @@ from conftest import tiny_args
 
 from driml_pl.cli import main
 from driml_pl.module import DRIML, _DeviceMetrics
+from driml_pl.networks import Features, preprocess
 from driml_pl.types import Batch, RolloutStats
 
 
@@ -34,7 +35,8 @@ def test_compiled_loss_and_gradients_equal_eager_on_cpu():
     torch.manual_seed(0)
     model = DRIML(lambda_gg=1.0, lambda_ll=0.5, obs_size=(64, 64), feature_dim=64, rkhs_dim=32)
     b = fixed_batch()
-    args = (b.obs, b.action, b.returns, b.discount, b.next_obs, b.positive_obs)
+    weight = (torch.arange(16) % 5 != 0).float()  # anchors with k = 0 are left out of the InfoNCE terms
+    args = (b.obs, b.action, b.returns, b.discount, b.next_obs, b.positive_obs, weight)
     params = [p for p in model.parameters() if p.requires_grad]
 
     def run(fn):
@@ -52,6 +54,29 @@ def test_compiled_loss_and_gradients_equal_eager_on_cpu():
     for g_compiled, g_eager in zip(compiled_grads, eager_grads, strict=True):
         torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
     assert any(g.abs().sum() > 0 for g in eager_grads)
+
+
+def test_an_anchor_whose_effective_horizon_is_0_is_left_out_of_the_infonce_terms():
+    """k = 0 (the last transition of an episode: no later frame in it) drops the anchor's InfoNCE term; the mean
+    still divides by the batch size, and the C51 loss keeps every sample."""
+    torch.manual_seed(0)
+    model = DRIML(lambda_gg=1.0, lambda_ll=0.5, obs_size=(64, 64), feature_dim=64, rkhs_dim=32)
+    batch = fixed_batch(8)
+    k = batch.k.clone()
+    k[[2, 5]] = 0
+    out = model.losses(batch._replace(k=k))
+    full = model.losses(batch)
+    with torch.no_grad():
+        feats = model.online.encoder(preprocess(torch.cat([batch.obs, batch.positive_obs]), model.obs_size))
+        anchor = Features(feats.local[:8], feats.global_[:8])
+        positive = Features(feats.local[8:], feats.global_[8:])
+        scores = model.critic.scores(anchor, batch.action, positive)
+    keep = [i for i in range(8) if i not in (2, 5)]
+    for term in ("gg", "ll"):
+        per_anchor = -torch.log_softmax(scores[term], dim=-1).diagonal(dim1=-2, dim2=-1)  # (..., 8)
+        torch.testing.assert_close(out[f"nce_{term}"], per_anchor[..., keep].sum(-1).mean() / 8)
+        torch.testing.assert_close(full[f"nce_{term}"], per_anchor.mean())
+    torch.testing.assert_close(out["c51_loss"], full["c51_loss"])
 
 
 def test_device_metrics_are_means_over_the_updates_since_the_last_log():

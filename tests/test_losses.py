@@ -110,3 +110,17 @@ def test_soft_clip():
     torch.testing.assert_close(y, 20.0 * torch.tanh(x / 20.0))
     assert y.abs().max() <= 20.0
     assert soft_clip(x, 0.0) is x
+
+
+def test_infonce_weight_drops_anchors_and_keeps_the_batch_size_as_divisor():
+    scores = torch.randn(2, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    weight = torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=torch.float64)
+    total = 0.0
+    for p in range(2):
+        for i in (0, 2, 3):
+            row = scores[p, i]
+            total += -(row[i] - math.log(sum(math.exp(x) for x in row.tolist()))).item()
+    assert infonce_loss(scores, weight=weight).item() == pytest.approx(total / 8, rel=1e-12)
+    assert infonce_loss(scores, weight=torch.ones(4, dtype=torch.float64)).item() == pytest.approx(
+        infonce_loss(scores).item(), rel=1e-12
+    )

@@ -2,8 +2,14 @@
 
 An action-pair network Q scores how strongly an action tends to follow another; it is trained with the Jensen-Shannon
 MI estimator on real consecutive pairs (positives) against pairs whose second action is shuffled (negatives). After
-every update the continuation matrix is smoothed, ``A <- decay * A + (1 - decay) * rowsoftmax(Q)``, and the horizon
-sampler reads ``clip(A, eps, 1 - eps)``.
+every update the continuation matrix is smoothed, ``A <- decay * A + (1 - decay) * map(Q)``, and the horizon sampler
+reads ``clip(A, eps, 1 - eps)``. ``map`` is one of `CONTINUATION_MAPS`:
+
+* ``softmax``: a row softmax over the game's effective actions (the paper's description and the released code). Each
+  row sums to 1, so the mean continuation probability is about 1 / N for N effective actions, whatever the policy.
+* ``sigmoid``: ``sigmoid(Q)``. The JSD objective is a logistic classifier of real against shuffled pairs, so at its
+  optimum ``sigmoid(Q(a, a')) = p(a, a') / (p(a, a') + p(a) p(a'))``: 1/2 for a pair that follows by chance, towards
+  1 for a pair the policy chains more often than chance. It does not shrink with the number of actions.
 
 Actions are *effective* ids (raw Procgen actions mapped through the game's remap matrix, `driml_pl.remap`), so
 redundant key presses count as the same behaviour. The released code indexed A with a "hybrid" id that is not a
@@ -20,18 +26,30 @@ from torch import Tensor, nn
 
 from driml_pl.envs import NUM_ACTIONS
 
+CONTINUATION_MAPS = ("softmax", "sigmoid")
 
-def jsd_mi_loss(positive: Tensor, negative: Tensor) -> Tensor:
+
+def jsd_mi_loss(
+    positive: Tensor, negative: Tensor, positive_mask: Tensor | None = None, negative_mask: Tensor | None = None
+) -> Tensor:
     """Negative Jensen-Shannon MI lower bound (Deep InfoMax's JSD form), to minimise.
 
-    Maximised quantity: E_pos[log 2 - softplus(-Q)] - E_neg[softplus(-Q) + Q - log 2].
+    Maximised quantity: E_pos[log 2 - softplus(-Q)] - E_neg[softplus(-Q) + Q - log 2]. The masks select the scores
+    that count (the means run over them; an empty side contributes 0), without a data-dependent shape.
 
     Shape:
-        positive: (P,) scores of real pairs; negative: (N,) scores of shuffled pairs. Returns: scalar.
+        positive: (P,) scores of real pairs; negative: (N,) scores of shuffled pairs; masks: (P,), (N,) bool.
+        Returns: scalar.
     """
-    e_pos = (math.log(2.0) - F.softplus(-positive)).mean()
-    e_neg = (F.softplus(-negative) + negative - math.log(2.0)).mean()
+    e_pos = _masked_mean(math.log(2.0) - F.softplus(-positive), positive_mask)
+    e_neg = _masked_mean(F.softplus(-negative) + negative - math.log(2.0), negative_mask)
     return -(e_pos - e_neg)
+
+
+def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    if mask is None:
+        return x.mean()
+    return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
 class ActionPairModel(nn.Module):
@@ -41,17 +59,28 @@ class ActionPairModel(nn.Module):
         hidden: hidden width of the pair MLP (paper: 64).
         decay: EMA factor of A (paper: 0.9).
         eps: continuation probabilities are clipped to [eps, 1 - eps].
-        seed: seed of A's Uniform(0, 1) initialisation.
+        seed: seed of A's Uniform(0, 1) initialisation (the module passes the run's seed).
         visible: (15,) bool mask of the game's effective actions; the row softmax runs over these columns only.
+        mapping: how scores become continuation probabilities, one of `CONTINUATION_MAPS`.
     """
 
     def __init__(
-        self, hidden: int = 64, decay: float = 0.9, eps: float = 0.05, seed: int = 0, visible: Tensor | None = None
+        self,
+        hidden: int = 64,
+        decay: float = 0.9,
+        eps: float = 0.05,
+        seed: int = 0,
+        visible: Tensor | None = None,
+        mapping: str = "softmax",
     ) -> None:
         super().__init__()
         if not 0.0 < eps < 0.5:
             raise ValueError(f"model.continuation_eps must be in (0, 0.5), got {eps}")
-        self.decay, self.eps = decay, eps
+        if mapping not in CONTINUATION_MAPS:
+            raise ValueError(
+                f"model.continuation_map={mapping!r} is not allowed; valid: {', '.join(CONTINUATION_MAPS)}"
+            )
+        self.decay, self.eps, self.mapping = decay, eps, mapping
         self.net = nn.Sequential(nn.Linear(2 * NUM_ACTIONS, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         gen = torch.Generator().manual_seed(seed)
         self.register_buffer("matrix", torch.rand(NUM_ACTIONS, NUM_ACTIONS, generator=gen))
@@ -71,26 +100,30 @@ class ActionPairModel(nn.Module):
     def loss(self, actions: Tensor, pair_valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """JSD loss on the consecutive pairs of the sampled windows; negatives shuffle the second actions.
 
-        ``generator`` (on the CPU) draws the shuffle; the module seeds it with the update count so that a resumed
-        run draws the same negatives as an uninterrupted one.
+        Every pair slot of the batch is scored and the invalid ones are masked out (no boolean indexing, so no
+        device-to-host sync): positive i is ``(first_i, second_i)``, negative i is ``(first_i, second_pi(i))`` for a
+        random permutation pi of the slots, counted when both slots are valid pairs. ``generator`` (on the actions'
+        device) draws pi; the module seeds it from the run's seed and the update count, so a resumed run draws the
+        same negatives as an uninterrupted one.
 
         Shape:
             actions: (B, K + 1) effective ids; pair_valid: (B, K). Returns: scalar.
         """
-        first, second = actions[:, :-1][pair_valid], actions[:, 1:][pair_valid]
-        if first.numel() < 2:
-            return actions.new_zeros((), dtype=torch.float32)
-        shuffled = second[torch.randperm(second.numel(), generator=generator).to(second.device)]
-        return jsd_mi_loss(self.score(first, second), self.score(first, shuffled))
+        first, second, valid = actions[:, :-1].reshape(-1), actions[:, 1:].reshape(-1), pair_valid.reshape(-1)
+        perm = torch.randperm(first.numel(), generator=generator, device=actions.device)
+        return jsd_mi_loss(self.score(first, second), self.score(first, second[perm]), valid, valid & valid[perm])
 
     @torch.no_grad()
     def update_matrix(self) -> None:
-        """A <- decay * A + (1 - decay) * rowsoftmax(Q), the softmax over the game's effective actions."""
+        """A <- decay * A + (1 - decay) * map(Q): a row softmax over the game's effective actions, or sigmoid(Q)."""
         ids = torch.arange(NUM_ACTIONS, device=self.matrix.device)
         first, second = torch.meshgrid(ids, ids, indexing="ij")
         q = self.score(first.reshape(-1), second.reshape(-1)).view(NUM_ACTIONS, NUM_ACTIONS)
-        q = q.masked_fill(~self.visible[None, :], float("-inf"))
-        self.matrix.mul_(self.decay).add_((1.0 - self.decay) * torch.softmax(q, dim=1))
+        if self.mapping == "softmax":
+            mapped = torch.softmax(q.masked_fill(~self.visible[None, :], float("-inf")), dim=1)
+        else:
+            mapped = torch.sigmoid(q) * self.visible[None, :]
+        self.matrix.mul_(self.decay).add_((1.0 - self.decay) * mapped)
 
     @torch.no_grad()
     def snapshot_continuation(self) -> None:

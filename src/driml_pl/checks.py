@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from driml_pl.adaptive import CONTINUATION_MAPS
 from driml_pl.envs import DISTRIBUTION_MODES, GAMES
 from driml_pl.horizon import HORIZON_MODES
 
@@ -90,6 +91,11 @@ def check_config(cfg: Any) -> None:
         "data.horizon.mode",
         lambda v: v in HORIZON_MODES,
         f"unknown horizon.mode {get('data.horizon.mode')!r}; valid: " + ", ".join(HORIZON_MODES),
+    )
+    require(
+        "model.continuation_map",
+        lambda v: v in CONTINUATION_MAPS,
+        f"unknown continuation_map {get('model.continuation_map')!r}; valid: " + ", ".join(CONTINUATION_MAPS),
     )
     require(
         "trainer.precision",

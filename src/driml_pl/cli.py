@@ -137,6 +137,7 @@ class DRIMLCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.frame_stack", "model.frame_stack")
         parser.link_arguments("seed_everything", "data.seed", compute_fn=_seed)
+        parser.link_arguments("seed_everything", "model.seed", compute_fn=_seed)
         parser.link_arguments("data.horizon.mode", "model.adaptive_horizon", compute_fn=_is_adaptive)
         parser.link_arguments("data.env.game", "model.game")
         parser.add_class_arguments(CheckpointConfig, "checkpoint")

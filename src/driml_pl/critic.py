@@ -133,11 +133,13 @@ class DIMCritic(nn.Module):
             out[term] = soft_clip(pairwise_scores(u, v) / math.sqrt(self.rkhs_dim), self.clip)
         return out
 
-    def forward(self, anchor: Features, actions: Tensor, candidate: Features) -> dict[str, Tensor]:
+    def forward(
+        self, anchor: Features, actions: Tensor, candidate: Features, weight: Tensor | None = None
+    ) -> dict[str, Tensor]:
         """InfoNCE loss per term (scalars): the mean over this rank's anchors, whose positives are this rank's
-        candidates (offset ``rank * B`` among the gathered ones)."""
+        candidates (offset ``rank * B`` among the gathered ones); ``weight`` (B,) scales each anchor's term."""
         offset = self.rank * actions.shape[0]
-        return {t: infonce_loss(s, offset) for t, s in self.scores(anchor, actions, candidate).items()}
+        return {t: infonce_loss(s, offset, weight) for t, s in self.scores(anchor, actions, candidate).items()}
 
 
 class _Contiguous(torch.autograd.Function):

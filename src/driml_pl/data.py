@@ -94,6 +94,8 @@ class ReplayStream(IterableDataset):
         self.updates_per_epoch, self.epsilon, self.world_size = updates_per_epoch, epsilon, world_size
         device = collector.replay.device
         self.effective = torch.as_tensor(effective if effective is not None else np.arange(NUM_ACTIONS)).to(device)
+        self.visible = torch.zeros(NUM_ACTIONS, dtype=torch.bool, device=device)
+        self.visible[self.effective] = True  # the game's effective actions
         self.generator = torch.Generator(device=device).manual_seed(sample_seed)
         self.updates = 0  # minibatches handed out
         self.policy: GreedyPolicy | None = None
@@ -209,7 +211,8 @@ class ReplayStream(IterableDataset):
             assert self.continuation is not None
             raw, valid = replay.action_window(env, t, self.horizon.max_k)
             window = self.effective[raw]
-            k = sample_nhg(gen, continuation_probs(window, valid, self.continuation().to(replay.device)))
+            probs = continuation_probs(window, valid, self.continuation().to(replay.device), self.visible)
+            k = sample_nhg(gen, probs)
         else:
             k = self.horizon.sample(gen, self.batch_size)
         s = replay.gather(env, t, k, check=False)

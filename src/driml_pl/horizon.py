@@ -4,6 +4,7 @@ The adaptive mode draws k from a non-homogeneous geometric (NHG) process: starti
 (a_{t-1}, a_t), every consecutive action pair "continues" with probability P[a, a'] and k counts the continuations
 before the first stop (at least 1, at most the cap). P comes from a learned action-pair network (see
 `driml_pl.adaptive`), indexed by *effective* actions (raw Procgen actions mapped through the game's remap matrix).
+When s_t starts an episode there is no a_{t-1}: the first pair averages over it (`continuation_probs`).
 """
 
 from __future__ import annotations
@@ -55,16 +56,21 @@ class Horizon:
         raise ValueError("the adaptive horizon depends on the actions; use sample_nhg")
 
 
-def continuation_probs(actions: Tensor, pair_valid: Tensor, matrix: Tensor) -> Tensor:
+def continuation_probs(actions: Tensor, pair_valid: Tensor, matrix: Tensor, visible: Tensor | None = None) -> Tensor:
     """Per-pair continuation probabilities of the NHG process (on the device of its inputs).
+
+    A pair that does not exist -- ``a_{t-1}`` before the episode start, or a pair after the episode's end -- has no
+    previous action: it continues into ``a'`` with the mean of ``matrix[a, a']`` over the game's effective actions
+    ``a`` (the previous action marginalised out, not a free continuation). After the episode's end the value does not
+    matter: the positive is truncated at the episode's last frame anyway.
 
     Shape:
         actions: (B, K + 1) effective actions a_{t-1} .. a_{t+K-1}; pair_valid: (B, K), False where a pair does not
-        exist (a_{t-1} before the episode start) -- such a pair continues with probability 1; matrix: (A, A).
-        Returns: (B, K).
+        exist; matrix: (A, A); visible: (A,) bool, the game's effective actions (default: all). Returns: (B, K).
     """
     probs = matrix[actions[:, :-1], actions[:, 1:]]
-    return torch.where(pair_valid, probs, torch.ones_like(probs))
+    start = matrix.mean(dim=0) if visible is None else (matrix * visible[:, None]).sum(0) / visible.sum()
+    return torch.where(pair_valid, probs, start[actions[:, 1:]])
 
 
 def sample_nhg(gen: torch.Generator, probs: Tensor) -> Tensor:

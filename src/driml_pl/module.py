@@ -77,9 +77,12 @@ class DRIML(pl.LightningModule):
             to 128 as the released code does).
         adaptive_horizon: build DRIML-ada's action-pair network (linked from data.horizon.mode == adaptive).
         game: the Procgen game (linked from data.env.game); DRIML-ada's softmax runs over its effective actions.
+        seed: the run's seed (linked from seed_everything); seeds DRIML-ada's initial A and its negative shuffles.
         pair_hidden: hidden width of the action-pair network (64).
-        horizon_decay: EMA factor of the continuation matrix, A <- decay * A + (1 - decay) * softmax(Q) (0.9).
+        horizon_decay: EMA factor of the continuation matrix, A <- decay * A + (1 - decay) * map(Q) (0.9).
         continuation_eps: continuation probabilities are clipped to [eps, 1 - eps] (0.05).
+        continuation_map: how DRIML-ada's pair scores Q become continuation probabilities: ``softmax`` (a row
+            softmax over the effective actions, the paper's description) or ``sigmoid`` (see `driml_pl.adaptive`).
         compile: run the loss (forward and backward) through ``torch.compile``; equal to eager within float
             tolerance. Compiling takes a minute or two at start-up.
         compile_mode: ``torch.compile`` mode; ``auto`` is ``reduce-overhead`` (CUDA graphs) on a GPU and
@@ -110,9 +113,11 @@ class DRIML(pl.LightningModule):
         action_conditioned: bool = True,
         adaptive_horizon: bool = False,
         game: str = "bigfish",
+        seed: int = 0,
         pair_hidden: int = 64,
         horizon_decay: float = 0.9,
         continuation_eps: float = 0.05,
+        continuation_map: str = "softmax",
         compile: bool = False,
         compile_mode: str = "auto",
         matmul_precision: str = "high",
@@ -151,7 +156,11 @@ class DRIML(pl.LightningModule):
         if adaptive_horizon:
             visible = torch.zeros(NUM_ACTIONS, dtype=torch.bool)
             visible[torch.from_numpy(effective_actions(game))] = True
-            self.pair_model = ActionPairModel(pair_hidden, horizon_decay, continuation_eps, visible=visible)
+            self.pair_model = ActionPairModel(
+                pair_hidden, horizon_decay, continuation_eps, seed=seed, visible=visible, mapping=continuation_map
+            )
+        self.seed = seed
+        self._pair_generator: torch.Generator | None = None  # draws DRIML-ada's negative shuffles, on the device
         self.register_buffer("support", torch.linspace(v_min, v_max, num_atoms), persistent=False)
         self._actor_ready: Any = None  # CUDA event recorded after the last snapshot copy
         self._clipped: list[nn.Parameter] = []  # set by configure_optimizers
@@ -237,10 +246,19 @@ class DRIML(pl.LightningModule):
 
     # ---------------------------------------------------------------------------------------------- learning
     def core_losses(
-        self, obs: Tensor, action: Tensor, returns: Tensor, discount: Tensor, next_obs: Tensor, positive_obs: Tensor
+        self,
+        obs: Tensor,
+        action: Tensor,
+        returns: Tensor,
+        discount: Tensor,
+        next_obs: Tensor,
+        positive_obs: Tensor,
+        nce_weight: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """C51 cross-entropy, one InfoNCE per active term, ``q_mean`` and their weighted sum ``loss`` (scalars).
 
+        ``nce_weight`` (B,) scales each anchor's InfoNCE terms (`infonce_loss`): `losses` passes 0 for an anchor whose
+        effective horizon is 0 (the last transition of an episode, with no later frame in it) and 1 otherwise.
         Tensors only (no Python values that change per update), so ``torch.compile`` traces it once.
         """
         b = action.shape[0]
@@ -258,7 +276,7 @@ class DRIML(pl.LightningModule):
         if self.critic.terms:
             anchor = Features(features.local[:b], features.global_[:b])
             positive = Features(features.local[b:], features.global_[b:])
-            for term, value in self.critic(anchor, action, positive).items():
+            for term, value in self.critic(anchor, action, positive, nce_weight).items():
                 out[f"nce_{term}"] = value
                 loss = loss + self.lambdas[term] * value
         with torch.no_grad():
@@ -268,13 +286,21 @@ class DRIML(pl.LightningModule):
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         """`core_losses` plus DRIML-ada's pair loss (its parameters are disjoint, so adding it trains it alone)."""
+        has_future = (batch.k > 0).float()  # k = 0: the positive would be s_t itself; the anchor is left out
         out = dict(self._core()(batch.obs, batch.action, batch.returns, batch.discount, batch.next_obs,
-                                 batch.positive_obs))  # fmt: skip
+                                 batch.positive_obs, has_future))  # fmt: skip
         if self.pair_model is not None and batch.action_window is not None and batch.pair_valid is not None:
-            shuffle = torch.Generator().manual_seed(self.global_step)
-            out["pair_loss"] = self.pair_model.loss(batch.action_window, batch.pair_valid, shuffle)
+            out["pair_loss"] = self.pair_model.loss(batch.action_window, batch.pair_valid, self._shuffle_generator())
             out["loss"] = out["loss"] + out["pair_loss"]
         return out
+
+    def _shuffle_generator(self) -> torch.Generator:
+        """The generator of this update's negative shuffle, seeded from (run seed, update count): a resumed run draws
+        what an uninterrupted one does, and runs with different seeds draw differently."""
+        if self._pair_generator is None or self._pair_generator.device != self.device:
+            self._pair_generator = torch.Generator(device=self.device)
+        seed = np.random.SeedSequence([self.seed, self.global_step]).generate_state(1)[0]
+        return self._pair_generator.manual_seed(int(seed))
 
     def training_step(self, dataloader_iter: Iterator[Any]) -> None:
         """The updates of one Lightning step (`data.updates_per_batch` minibatches, in order), then the logs.
