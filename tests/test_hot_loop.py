@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import CONF, tiny_args
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from driml_pl.cli import main
+from driml_pl.data import ReplayStream
 from driml_pl.module import DRIML, _DeviceMetrics
 from driml_pl.networks import Features, preprocess
 from driml_pl.types import Batch, RolloutStats
@@ -91,6 +93,51 @@ def test_device_metrics_are_means_over_the_updates_since_the_last_log():
     assert out["horizon/k_frac_2"].item() == pytest.approx(4 / 8)
     assert out["horizon/k_frac_over13"].item() == pytest.approx(1 / 8)
     assert metrics.read_and_reset() == {}  # reset: nothing accumulated since
+
+
+# ops that make a GPU wait for the host: a read back, or an output whose size depends on the data
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "is_nonzero", "equal", "item")
+
+
+class _SyncProbe(TorchDispatchMode):
+    """Records every dispatched op that would stall a CUDA stream (also seen on the CPU, where nothing stalls)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops += 1
+        name = str(func)
+        bool_index = name.startswith("aten.index") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool
+            for a in args
+            if isinstance(a, list | tuple)
+            for i in a
+        )
+        if bool_index or any(op in name for op in SYNC_OPS):
+            self.seen.append(name + (" (boolean mask)" if bool_index else ""))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.slow
+def test_the_hot_loop_has_no_host_device_sync(run_dir, monkeypatch):
+    """Issue 7 part 5, checked on the CPU: the data path (`next_batches`) and the update (`DRIML.update`) dispatch no
+    op that reads a value back or sizes an output by the data -- under DRIML-ada, whose pair loss used a boolean mask.
+    (Logging steps and the CPU-only finiteness check run outside both and may read back.)"""
+    probe = _SyncProbe()
+    for owner, name in ((ReplayStream, "next_batches"), (DRIML, "update")):
+        original = getattr(owner, name)
+
+        def probed(self, *args, _original=original, **kwargs):  # noqa: ANN001, ANN202
+            with probe:
+                return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(owner, name, probed)
+    main(tiny_args(run_dir, budget=256, config=CONF / "paper" / "ada.yaml", **{"--model.compile": "false"}))
+    assert probe.ops > 1000  # the probe saw the hot loop
+    assert probe.seen == []
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, str]]:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from driml_pl.envs import NUM_ACTIONS
+from driml_pl.networks import one_hot
 
 CONTINUATION_MAPS = ("softmax", "sigmoid")
 
@@ -94,7 +95,7 @@ class ActionPairModel(nn.Module):
 
     def score(self, first: Tensor, second: Tensor) -> Tensor:
         """Q(a, a') for pairs of effective action ids. Shape: (N,), (N,) -> (N,)."""
-        x = torch.cat([F.one_hot(first, NUM_ACTIONS), F.one_hot(second, NUM_ACTIONS)], dim=-1).float()
+        x = torch.cat([one_hot(first, NUM_ACTIONS), one_hot(second, NUM_ACTIONS)], dim=-1)
         return self.net(x).squeeze(-1)
 
     def loss(self, actions: Tensor, pair_valid: Tensor, generator: torch.Generator | None = None) -> Tensor:

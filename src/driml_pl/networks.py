@@ -12,6 +12,12 @@ from torch import Tensor, nn
 RELU_GAIN = math.sqrt(2.0)
 
 
+def one_hot(ids: Tensor, n: int) -> Tensor:
+    """Float one-hot rows of integer ids in [0, n). Unlike ``F.one_hot`` it never reads the ids back to check them
+    (``F.one_hot`` does on the CPU), so it is the same few ops on every device. Shape: (...,) -> (..., n)."""
+    return (ids.unsqueeze(-1) == torch.arange(n, device=ids.device)).float()
+
+
 def preprocess(frames: Tensor, size: tuple[int, int]) -> Tensor:
     """uint8 frame stacks to float network input, resized on the device. Used by acting and learning alike.
 
@@ -152,4 +158,4 @@ class ActionEncoder(nn.Module):
             _orthogonal_(layer)
 
     def forward(self, actions: Tensor) -> Tensor:
-        return self.net(F.one_hot(actions, self.num_actions).float())
+        return self.net(one_hot(actions, self.num_actions))
