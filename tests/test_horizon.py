@@ -201,6 +201,16 @@ def test_run_seed_seeds_the_initial_matrix_and_the_negative_shuffle():
     assert torch.equal(draws["a"], draws["a_again"]) and not torch.equal(draws["a"], draws["b"])
 
 
+def test_a_checkpoint_from_before_the_map_option_keeps_its_softmax():
+    model = DRIML(obs_size=(64, 64), feature_dim=32, rkhs_dim=16, adaptive_horizon=True)
+    assert model.pair_model.mapping == "sigmoid"  # the default
+    model.on_load_checkpoint({"global_step": 7, "hyper_parameters": {"continuation_map": "sigmoid"}})
+    assert model.pair_model.mapping == "sigmoid"
+    with pytest.warns(UserWarning, match="predates model.continuation_map"):
+        model.on_load_checkpoint({"global_step": 7, "hyper_parameters": {"adaptive_horizon": True}})
+    assert model.pair_model.mapping == "softmax"
+
+
 def test_jsd_loss_hand_values():
     zero = torch.zeros(4)
     assert jsd_mi_loss(zero, zero).item() == pytest.approx(0.0, abs=1e-7)
@@ -215,7 +225,7 @@ def test_action_pair_model_learns_a_deterministic_successor_and_smooths_the_matr
     torch.manual_seed(0)
     visible = torch.zeros(15, dtype=torch.bool)
     visible[:5] = True
-    model = ActionPairModel(hidden=32, decay=0.9, eps=0.05, visible=visible)
+    model = ActionPairModel(hidden=32, decay=0.9, eps=0.05, visible=visible, mapping="softmax")
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(300):
         start = torch.randint(0, 5, (64, 1))

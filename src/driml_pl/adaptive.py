@@ -72,7 +72,7 @@ class ActionPairModel(nn.Module):
         eps: float = 0.05,
         seed: int = 0,
         visible: Tensor | None = None,
-        mapping: str = "softmax",
+        mapping: str = "sigmoid",
     ) -> None:
         super().__init__()
         if not 0.0 < eps < 0.5:
