@@ -75,6 +75,6 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none")
 def bench_gpu(session: nox.Session) -> None:
-    """The GPU benchmark (one CUDA machine, about 4 minutes): runs benchmarks/bench_gpu.sh with the current Python
+    """The GPU benchmark (one CUDA machine, under 5 minutes): runs benchmarks/bench_gpu.sh with the current Python
     environment, which must already hold a CUDA torch and the project (no install here: GPU images pin their torch)."""
     session.run("bash", "benchmarks/bench_gpu.sh", *session.posargs, external=True)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU benchmark: one prepared run that checks the replay on the GPU against the reference tests and prints the
-# throughput tables with the card's name (about 4 minutes). On a machine with the project installed, just run it.
+# host time per data-path part and the throughput tables with the card's name (under 5 minutes). On a machine with
+# the project installed, just run it.
 # On a machine without a package registry, put the missing wheels in .gpu-wheels/ (../shared/gpu/prepare-wheels.sh
 # plus cffi and pycparser) and the shared libraries Procgen links (libGL, libGLX, libGLdispatch, glib, X11, xcb and
 # their small dependencies, copied from a Debian/Ubuntu x86_64 machine) in .gpu-libs/. Results also go to $OUT (or
@@ -25,7 +26,7 @@ bench() {  # name, time limit, then throughput.py arguments; a failure or overru
     --json "$out/$name.json" "$@" >"$out/$name.log" 2>&1
   echo "== $name: exit $?"; sed -n '/^## /,$p' "$out/$name.log"; grep -iE "error|Traceback" "$out/$name.log" | tail -5
 }
+timeout 60 python3 benchmarks/data_path.py --device cuda 2>&1 | grep -E "^\||^[A-Z]" | tee "$out/data_path.txt"
 bench compiled_k7 120 --updates 700 --per-step 7 --compile
-bench compiled_k1 90 --updates 300 --per-step 1 --compile
+bench compiled_k7_sampling 120 --updates 700 --per-step 7 --compile --compile-sampling --compare-sampling
 bench eager_k7 60 --updates 700 --per-step 7
-bench compiled_bf16_k7 90 --updates 700 --per-step 7 --compile --precision bf16-mixed --learners driml

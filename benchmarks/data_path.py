@@ -1,9 +1,10 @@
 """Host time of each part of the data path, one at a time (the paper's sizes): where a null learner's 0.8 ms (CPU)
 or 3.7 ms (the lent H100 VM) per update goes.
 
-Parts: the replay upload of one vector step; anchor, horizon and gather sampling of a minibatch of 256; the actors'
-forward pass on 32 frames with its device -> host copy; the snapshot copy; Procgen stepping 32 envs with 4, 8 and
-16 threads; and the dispatch cost of 100 tiny tensor operations, as a yardstick of per-op host overhead.
+Parts: the replay upload of one vector step; anchor, horizon and gather sampling of a minibatch of 256 (eager, and
+with the gather compiled as ``data.compile_sampling`` does); the actors' forward pass on 32 frames with its
+device -> host copy; the snapshot copy; Procgen stepping 32 envs with 4, 8 and 16 threads; and the dispatch cost of
+100 tiny tensor operations, as a yardstick of per-op host overhead.
 
 Usage: python benchmarks/data_path.py [--device cpu|cuda]
 """
@@ -58,6 +59,10 @@ def main() -> None:
     print("| part | ms per call |\n|---|---|")
     timed("replay.add: one vector step of 32 frames", lambda: replay.add(actions, rewards, dones, frames), device)
     timed("sample + gather: minibatch of 256", sample, device)
+    replay.compile_gather = True  # data.compile_sampling: the same gather through torch.compile
+    sample()  # compiles
+    timed("sample + gather, compiled gather: minibatch of 256", sample, device)
+    replay.compile_gather = False
     timed("act_actor: 32 frames, with the device -> host copy", lambda: model.act_actor(replay.latest()), device)
     timed("sync_actor: the snapshot copy", model.sync_actor, device)
     zero = torch.zeros((), device=device)

@@ -128,7 +128,9 @@ def learner_only(args: argparse.Namespace, lambda_gg: float, log_dir: str, null:
     return timer.seconds_per_update()
 
 
-def end_to_end(args: argparse.Namespace, lambda_gg: float, log_dir: str, null: bool = False) -> float:
+def end_to_end(
+    args: argparse.Namespace, lambda_gg: float, log_dir: str, null: bool = False, compile_sampling: bool | None = None
+) -> float:
     timer = Timer()
     updates = args.updates + args.warmup
     per_update = args.batch / args.replay_ratio  # env steps per update
@@ -143,6 +145,7 @@ def end_to_end(args: argparse.Namespace, lambda_gg: float, log_dir: str, null: b
         learning_starts=args.learning_starts,
         updates_per_epoch=updates,
         updates_per_batch=args.per_step,
+        compile_sampling=args.compile_sampling if compile_sampling is None else compile_sampling,
     )
     make_trainer(args, timer, updates, log_dir).fit(model(args, lambda_gg, null), datamodule=data)
     return timer.seconds_per_update()
@@ -184,6 +187,10 @@ def main() -> None:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--compile", action="store_true", help="model.compile=true")
     parser.add_argument("--per-step", type=int, default=1, help="data.updates_per_batch (updates per Lightning step)")
+    parser.add_argument("--compile-sampling", action="store_true", help="data.compile_sampling=true")
+    parser.add_argument(
+        "--compare-sampling", action="store_true", help="also measure (d) with the other data.compile_sampling value"
+    )
     parser.add_argument("--learners", default="c51,driml", help="comma-separated subset of c51,driml")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
@@ -195,11 +202,14 @@ def main() -> None:
     lambdas = {"c51": 0.0, "driml": 1.0}
     rows = [measure(args, name, lambdas[name], log_dir) for name in args.learners.split(",") if name]
     null_e2e = end_to_end(args, 0.0, log_dir, null=True)
+    other_e2e = None
+    if args.compare_sampling:  # the same null run with the other sampling path, side by side
+        other_e2e = end_to_end(args, 0.0, log_dir, null=True, compile_sampling=not args.compile_sampling)
     null_loop = learner_only(args, 0.0, log_dir, null=True)
     setting = (
         f"batch {args.batch}, input {args.obs[0]}x{args.obs[1]}, {args.num_envs} envs, replay ratio "
-        f"{args.replay_ratio:g}, precision {args.precision}, compile {args.compile}, {args.per_step} updates per "
-        f"Lightning step, {args.updates} timed updates"
+        f"{args.replay_ratio:g}, precision {args.precision}, compile {args.compile}, compile_sampling "
+        f"{args.compile_sampling}, {args.per_step} updates per Lightning step, {args.updates} timed updates"
     )
     print(f"\n## {device_name(args.device)} (torch {torch.__version__}): {setting}\n")
     print("| learner | (a) learner updates/s | (b) end-to-end updates/s | (c) = (b)/(a) | (e) env steps/s |")
@@ -215,8 +225,14 @@ def main() -> None:
         f"{null_e2e * 1e3:.2f} ms ({args.batch / args.replay_ratio / null_e2e:,.0f} env steps/s); "
         f"of which the Lightning loop and logging alone (null learner, fixed batch): {null_loop * 1e3:.2f} ms\n"
     )
+    if other_e2e is not None:
+        print(
+            f"(d) with data.compile_sampling={not args.compile_sampling}: {other_e2e * 1e3:.2f} ms per update "
+            f"(ratio to the run above: {other_e2e / null_e2e:.2f})\n"
+        )
     result = {"device": device_name(args.device), "setting": setting, "rows": rows,
-              "d_host_overhead_ms": null_e2e * 1e3, "d_loop_only_ms": null_loop * 1e3}  # fmt: skip
+              "d_host_overhead_ms": null_e2e * 1e3, "d_loop_only_ms": null_loop * 1e3,
+              "d_other_sampling_ms": None if other_e2e is None else other_e2e * 1e3}  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -157,3 +157,18 @@ def test_metrics_are_logged_on_logging_steps_and_at_the_exact_budget(run_dir):
     assert float(last["rollout/env_steps"]) == 456  # the metrics at the exact budget are written
     assert float(last["horizon/k_frac_1"]) + float(last["horizon/k_frac_2"]) == pytest.approx(1.0)
     assert 1.0 <= float(last["horizon/k_mean"]) <= 2.0
+
+
+@pytest.mark.slow
+def test_compiled_sampling_trains_exactly_like_the_eager_sampling(tmp_path):
+    """data.compile_sampling changes how a minibatch is gathered, not what: the same run ends with the same weights."""
+    weights = []
+    for name, flag in (("eager", "false"), ("compiled", "true")):
+        run = tmp_path / name
+        main(tiny_args(run, budget=256, config=CONF / "paper" / "ada.yaml",
+                       **{"--model.compile": "false", "--data.compile_sampling": flag}))  # fmt: skip
+        ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        weights.append(ckpt["state_dict"])
+    assert weights[0].keys() == weights[1].keys()
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)

@@ -146,3 +146,24 @@ def test_sample_rejects_bad_horizons_and_empty_replay():
         replay.sample(torch.Generator(), 4, np.full(4, 3))
     with pytest.raises(ValueError, match="replay_size"):
         FrameReplay(num_envs=2, capacity=5, n_step=7, gamma=0.99, max_k=2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("frame_stack", [1, 3])
+def test_compiled_gather_equals_the_eager_gather_bitwise(device, frame_stack):
+    """`compile_gather` (data.compile_sampling) runs the same function through torch.compile: every field equal."""
+    replay, _ = scripted(capacity=40, n_step=3, max_k=4, frame_stack=frame_stack, device=device)
+    lo, hi = replay.valid_range()
+    gen = torch.Generator(device).manual_seed(2)
+    for _ in range(3):  # one compilation, then reuse with new anchors
+        env = torch.randint(0, E, (64,), generator=gen, device=device)
+        t = torch.randint(lo, hi + 1, (64,), generator=gen, device=device)
+        k = torch.randint(1, 5, (64,), generator=gen, device=device)
+        replay.compile_gather = False
+        eager = replay.gather(env, t, k, check=False)
+        replay.compile_gather = True
+        compiled = replay.gather(env, t, k, check=False)
+        for name, a, b in zip(ReplaySample._fields, eager, compiled, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert replay._compiled_gather is not None

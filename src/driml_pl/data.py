@@ -319,6 +319,9 @@ class DRIMLDataModule(pl.LightningDataModule):
         eval_video_every: record episode 0 of each level set as a GIF at every N-th evaluation period during fit
             (and at the end of the budget), and in every ``validate``/``test`` (0: no videos).
         eval_video_frames: at most this many frames per video.
+        compile_sampling: gather each minibatch through ``torch.compile`` (the replay's ``compile_gather``): a few
+            fused kernels instead of some forty small ops per minibatch, bitwise equal to the eager gather. Off by
+            default: see the README's speed section for what it is measured to give.
     """
 
     def __init__(
@@ -345,6 +348,7 @@ class DRIMLDataModule(pl.LightningDataModule):
         eval_max_steps: int = 27_000,
         eval_video_every: int = 0,
         eval_video_frames: int = 2_000,
+        compile_sampling: bool = False,
     ) -> None:
         super().__init__()
         self.env_config, self.horizon, self.epsilon = env, horizon, epsilon
@@ -358,6 +362,7 @@ class DRIMLDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.replay_device = replay_device
         self.updates_per_batch = updates_per_batch
+        self.compile_sampling = compile_sampling
         self.total_env_steps, self.replay_size = total_env_steps, replay_size
         self.batch_size, self.replay_ratio, self.learning_starts = batch_size, replay_ratio, learning_starts
         self.n_step, self.gamma, self.frame_stack = n_step, gamma, frame_stack
@@ -416,7 +421,8 @@ class DRIMLDataModule(pl.LightningDataModule):
         env = ProcgenVecEnv(replace(self.env_config, num_envs=local_envs), env_seed)
         capacity = self.replay_size // world // local_envs
         replay = FrameReplay(local_envs, capacity, self.n_step, self.gamma,
-                             self.horizon.max_k, self.frame_stack, self._replay_device())  # fmt: skip
+                             self.horizon.max_k, self.frame_stack, self._replay_device(),
+                             compile_gather=self.compile_sampling)  # fmt: skip
         self.stream = ReplayStream(
             Collector(env, replay, rng),
             self.horizon,
