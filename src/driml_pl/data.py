@@ -23,11 +23,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.trainer.states import TrainerFn
+from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
 from driml_pl.collect import Collector, EpsilonSchedule, refuse_worker
 from driml_pl.envs import NUM_ACTIONS, EnvConfig, ProcgenVecEnv, rank_seeds
-from driml_pl.horizon import Horizon, continuation_probs, sample_nhg
+from driml_pl.horizon import Horizon, continuation_probs, nhg_from_uniforms
 from driml_pl.remap import effective_actions
 from driml_pl.replay import FrameReplay
 from driml_pl.types import Batch, ContinuationSource, GreedyPolicy, RolloutStats
@@ -96,6 +97,7 @@ class ReplayStream(IterableDataset):
         self.effective = torch.as_tensor(effective if effective is not None else np.arange(NUM_ACTIONS)).to(device)
         self.visible = torch.zeros(NUM_ACTIONS, dtype=torch.bool, device=device)
         self.visible[self.effective] = True  # the game's effective actions
+        self._compiled_adaptive: Any = None  # torch.compile(_adaptive_horizon), with data.compile_sampling
         self.generator = torch.Generator(device=device).manual_seed(sample_seed)
         self.updates = 0  # minibatches handed out
         self.policy: GreedyPolicy | None = None
@@ -209,10 +211,14 @@ class ReplayStream(IterableDataset):
         window = valid = None
         if self.horizon.adaptive:
             assert self.continuation is not None
-            raw, valid = replay.action_window(env, t, self.horizon.max_k)
-            window = self.effective[raw]
-            probs = continuation_probs(window, valid, self.continuation().to(replay.device), self.visible)
-            k = sample_nhg(gen, probs)
+            matrix = self.continuation().to(replay.device)
+            uniforms = torch.rand((self.batch_size, self.horizon.max_k), generator=gen, device=replay.device)
+            adaptive = self._adaptive_horizon
+            if replay.compile_gather:  # data.compile_sampling: fused like the gather
+                if self._compiled_adaptive is None:
+                    self._compiled_adaptive = torch.compile(self._adaptive_horizon, dynamic=False, fullgraph=True)
+                adaptive = self._compiled_adaptive
+            k, window, valid = adaptive(env, t, uniforms, matrix)
         else:
             k = self.horizon.sample(gen, self.batch_size)
         s = replay.gather(env, t, k, check=False)
@@ -237,6 +243,16 @@ class ReplayStream(IterableDataset):
             action_window=window,
             pair_valid=valid,
         )
+
+    def _adaptive_horizon(
+        self, env: Tensor, t: Tensor, uniforms: Tensor, matrix: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """DRIML-ada's k for anchors (env, t) from the NHG process on their effective actions, given its uniform
+        draws: (k, effective action window, pair validity)."""
+        raw, valid = self.collector.replay.action_window(env, t, self.horizon.max_k)
+        window = self.effective[raw]
+        k = nhg_from_uniforms(uniforms, continuation_probs(window, valid, matrix, self.visible))
+        return k, window, valid
 
     def __iter__(self) -> Iterator[StepBatch]:
         """One epoch: the steps up to the next multiple of ``updates_per_epoch`` updates (fewer after a resume in the

@@ -79,9 +79,17 @@ def sample_nhg(gen: torch.Generator, probs: Tensor) -> Tensor:
     Shape:
         probs: (B, K). Returns: (B,) int64 in [1, K].
     """
-    draws = torch.rand(probs.shape, generator=gen, device=probs.device) < probs
-    alive = torch.cumprod(draws.to(torch.int64), dim=1)
-    return alive.sum(dim=1).clamp_(min=1)
+    return nhg_from_uniforms(torch.rand(probs.shape, generator=gen, device=probs.device), probs)
+
+
+def nhg_from_uniforms(uniforms: Tensor, probs: Tensor) -> Tensor:
+    """`sample_nhg` with its Uniform(0, 1) draws given: pair j continues when ``uniforms[:, j] < probs[:, j]``.
+
+    Shape:
+        uniforms, probs: (B, K). Returns: (B,) int64 in [1, K].
+    """
+    alive = torch.cumprod((uniforms < probs).to(torch.int64), dim=1)
+    return alive.sum(dim=1).clamp(min=1)
 
 
 def nhg_pmf(probs: np.ndarray) -> np.ndarray:
