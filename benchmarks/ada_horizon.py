@@ -5,7 +5,7 @@ means over the updates since the previous log, logged every ``trainer.log_every_
 Markdown table per run directory. The runs behind the README's figures (issue 10)::
 
     python -m driml_pl fit --config conf/ada_cpu.yaml --data.env.game maze --model.continuation_map sigmoid \\
-        --data.total_env_steps 300000 --trainer.default_root_dir runs/ada_cpu/maze/sigmoid/seed0
+        --trainer.default_root_dir runs/ada_cpu/maze/sigmoid/seed0
     python benchmarks/ada_horizon.py runs/ada_cpu/*/*/seed0
 """
 

@@ -57,10 +57,10 @@ class FrameReplay:
         max_k: largest InfoNCE horizon that will be asked for.
         frame_stack: frames per observation S, rebuilt from the ring at sample time.
         device: where the ring lives and is sampled (the learner's device).
-        compile_gather: gather the stream's samples (``gather(check=False)``) through ``torch.compile``: the index
-            arithmetic, the column reads and the frame gathers become a few fused kernels instead of some forty
-            dispatched ops. Equal to the eager gather, bitwise (tested). Compiling takes seconds at the first
-            sample.
+        compile_gather: plan the stream's samples (``gather(check=False)``) through ``torch.compile``: the index
+            arithmetic and the column reads become a few fused kernels instead of some forty dispatched ops; the
+            frame copy stays one eager ``index_select`` (inductor's own gather of the frames was twice as slow on the
+            CPU). Equal to the eager gather, bitwise (tested). Compiling takes seconds at the first sample.
     """
 
     def __init__(
@@ -102,7 +102,7 @@ class FrameReplay:
         self._stack_offsets = torch.arange(frame_stack - 1, -1, -1, device=dev)  # oldest .. newest
         self._staging = _Staging(num_envs, dev)
         self.compile_gather = compile_gather
-        self._compiled_gather: Any = None  # torch.compile(_gather_tensors), built at the first sample
+        self._compiled_gather: Any = None  # torch.compile(_gather_plan), built at the first sample
 
     @property
     def bytes_per_transition(self) -> int:
@@ -155,18 +155,28 @@ class FrameReplay:
         Frames that precede the first frame of ``s_t``'s episode are zeros.
         """
         env, t = self._index(env), self._index(t)
+        return self._stack_frames(*self._stack_plan(env, t))
+
+    def _stack_plan(self, env: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The frame rows of the stacks ending at (env, t), (B * S,), and which frames to keep, (B, S) bool (None for
+        single frames): the index arithmetic of `stacked`, without the frame copy."""
         s = self.frame_stack
         times = t[:, None] - self._stack_offsets[None, :]
         rows = self._rows(env[:, None], times).reshape(-1)
-        out = self._frame_rows.index_select(0, rows).view(len(t), s, *FRAME_SHAPE)
-        if s > 1:
-            # frame t-j is kept iff no episode starts in (t-j, t]: a first at t-i (i < j) cuts everything older.
-            newer = t[:, None] - self._stack_offsets.flip(0)[None, : s - 1]
-            cut = torch.cumsum(self._column(self.firsts, env[:, None], newer).int(), dim=1) > 0  # a first in [t-i, t]
-            keep = torch.ones((len(t), s), dtype=torch.bool, device=self.device)
-            keep[:, :-1] = ~cut.flip(1)  # column for frame t-j (j >= 1) looks at firsts in (t-j, t]
-            out = out * keep[:, :, None, None, None]
-        return out
+        if s == 1:
+            return rows, None
+        # frame t-j is kept iff no episode starts in (t-j, t]: a first at t-i (i < j) cuts everything older.
+        newer = t[:, None] - self._stack_offsets.flip(0)[None, : s - 1]
+        cut = torch.cumsum(self._column(self.firsts, env[:, None], newer).int(), dim=1) > 0  # a first in [t-i, t]
+        # column for frame t-j (j >= 1) looks at firsts in (t-j, t]; the newest frame is always kept
+        keep = torch.cat([~cut.flip(1), torch.ones_like(cut[:, :1])], dim=1)
+        return rows, keep
+
+    def _stack_frames(self, rows: Tensor, keep: Tensor | None) -> Tensor:
+        """Copy the planned frame rows out of the ring (one ``index_select``, a memcpy per row) and zero the frames
+        the plan drops."""
+        out = self._frame_rows.index_select(0, rows).view(-1, self.frame_stack, *FRAME_SHAPE)
+        return out if keep is None else out * keep[:, :, None, None, None]
 
     def latest(self) -> Tensor:
         """The newest frame stack of every env (what the policy acts on): (N, S, 64, 64, 3)."""
@@ -215,17 +225,21 @@ class FrameReplay:
         env, t, k = self._index(env), self._index(t), self._index(k)
         if check and (k.shape != t.shape or int(k.min()) < 1 or int(k.max()) > self.max_k):
             raise ValueError(f"k must have shape {tuple(t.shape)} with values in [1, {self.max_k}]")
-        gather = self._gather_tensors
+        plan = self._gather_plan
         if self.compile_gather and not check:
             if self._compiled_gather is None:
                 # no CUDA graphs: the stream holds several minibatches at once, which a graph's replay would overwrite
-                self._compiled_gather = torch.compile(self._gather_tensors, dynamic=False, fullgraph=True)
-            gather = self._compiled_gather
-        obs, action, returns, discount, next_obs, positive_obs, k_eff = gather(env, t, k)
+                self._compiled_gather = torch.compile(self._gather_plan, dynamic=False, fullgraph=True)
+            plan = self._compiled_gather
+        rows, keep, action, returns, discount, k_eff = plan(env, t, k)
+        frames = self._stack_frames(rows, keep)  # the bulk copy stays one eager index_select on either path
+        b = t.shape[0]
+        obs, next_obs, positive_obs = frames[:b], frames[b : 2 * b], frames[2 * b :]
         return ReplaySample(obs, action, returns, discount, next_obs, positive_obs, k_eff, env, t)
 
-    def _gather_tensors(self, env: Tensor, t: Tensor, k: Tensor) -> tuple[Tensor, ...]:
-        """`gather`'s arithmetic on device tensors: (obs, action, returns, discount, next_obs, positive_obs, k)."""
+    def _gather_plan(self, env: Tensor, t: Tensor, k: Tensor) -> tuple[Any, ...]:
+        """`gather`'s arithmetic on device tensors, everything but the frame copy: the frame rows of (s_t, s_{t+n},
+        s_{t+k}) and their keep mask (`_stack_plan`), then action, returns, discount and the effective k."""
         window = t[:, None] + self._window_offsets[None, :]
         rows = self._rows(env[:, None], window)  # (B, window): one row index for every column read
         rewards = self.rewards.view(-1)[rows]
@@ -238,10 +252,9 @@ class FrameReplay:
         # steps to the episode's last frame inside the window (window length if it does not end there)
         end = torch.where(dones.any(dim=1), dones.int().argmax(dim=1), self.window)
         k_eff = torch.minimum(k, end)
-        frames = self.stacked(torch.cat([env, env, env]), torch.cat([t, t + n, t + k_eff]))
-        b = t.shape[0]
+        frame_rows, keep = self._stack_plan(torch.cat([env, env, env]), torch.cat([t, t + n, t + k_eff]))
         action = self.actions.view(-1)[rows[:, 0]].long()
-        return frames[:b], action, returns, discount, frames[b : 2 * b], frames[2 * b :], k_eff
+        return frame_rows, keep, action, returns, discount, k_eff
 
 
 class _Staging:
