@@ -15,7 +15,8 @@ belongs to the next episode; every window below stops at that boundary:
   ``gamma^n`` if no ``done`` in ``t..t+n-1``, else 0 (the bootstrap frame ``s_{t+n}`` is then irrelevant).
 * InfoNCE positive ``s_{t+k}``: when the episode ends before ``t+k`` (``done_{t+m}`` with ``m < k``) the positive is the
   episode's last frame ``s_{t+m}`` and the effective ``k`` becomes ``m`` (it can be 0: ``s_t`` itself, only for the
-  very last transition of an episode). The effective ``k`` is returned so it can be logged.
+  very last transition of an episode; the InfoNCE loss leaves such anchors out). The effective ``k`` is returned so
+  it can be logged and used.
 * frame stacks for ``s_t``: frames from before the episode's first frame are zeros.
 
 Each frame is stored once: no next observation, no duplicated stacks (12,288 B of pixels plus 7 B per transition).
