@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from driml_pl.collect import Collector, EpsilonSchedule, refuse_worker
 from driml_pl.envs import NUM_ACTIONS, EnvConfig, ProcgenVecEnv, rank_seeds
 from driml_pl.horizon import Horizon, continuation_probs, nhg_from_uniforms
-from driml_pl.remap import effective_actions
+from driml_pl.remap import effective_actions, visible_mask
 from driml_pl.replay import FrameReplay
 from driml_pl.types import Batch, ContinuationSource, GreedyPolicy, RolloutStats
 
@@ -94,9 +94,9 @@ class ReplayStream(IterableDataset):
         self.learning_starts, self.env_step_budget = learning_starts, env_step_budget
         self.updates_per_epoch, self.epsilon, self.world_size = updates_per_epoch, epsilon, world_size
         device = collector.replay.device
-        self.effective = torch.as_tensor(effective if effective is not None else np.arange(NUM_ACTIONS)).to(device)
-        self.visible = torch.zeros(NUM_ACTIONS, dtype=torch.bool, device=device)
-        self.visible[self.effective] = True  # the game's effective actions
+        effective = effective if effective is not None else np.arange(NUM_ACTIONS)
+        self.effective = torch.as_tensor(effective).to(device)
+        self.visible = torch.from_numpy(visible_mask(effective)).to(device)  # the game's effective actions
         self._compiled_adaptive: Any = None  # torch.compile(_adaptive_horizon), with data.compile_sampling
         self.generator = torch.Generator(device=device).manual_seed(sample_seed)
         self.updates = 0  # minibatches handed out

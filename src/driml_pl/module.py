@@ -32,7 +32,7 @@ from driml_pl.critic import TERMS, DIMCritic
 from driml_pl.envs import NUM_ACTIONS
 from driml_pl.losses import c51_cross_entropy, categorical_projection
 from driml_pl.networks import Features, QNetwork, preprocess
-from driml_pl.remap import effective_actions
+from driml_pl.remap import effective_actions, visible_mask
 from driml_pl.types import Batch, RolloutStats
 
 # batches from the replay are already on the learner's device; the module's transfer hook (below) says so
@@ -155,8 +155,7 @@ class DRIML(pl.LightningModule):
         )
         self.pair_model: ActionPairModel | None = None
         if adaptive_horizon:
-            visible = torch.zeros(NUM_ACTIONS, dtype=torch.bool)
-            visible[torch.from_numpy(effective_actions(game))] = True
+            visible = torch.from_numpy(visible_mask(effective_actions(game)))
             self.pair_model = ActionPairModel(
                 pair_hidden, horizon_decay, continuation_eps, seed=seed, visible=visible, mapping=continuation_map
             )

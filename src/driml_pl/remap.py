@@ -93,6 +93,13 @@ def action_remap_matrix(game: str) -> np.ndarray:
     return matrix
 
 
+def visible_mask(effective: np.ndarray) -> np.ndarray:
+    """(15,) bool: which action ids are effective ones, for a raw -> effective map such as `effective_actions`."""
+    mask = np.zeros(NUM_ACTIONS, dtype=bool)
+    mask[np.asarray(effective)] = True
+    return mask
+
+
 def num_visible_actions(game: str) -> int:
     """Number of distinct effective actions N_vis: the count of non-empty columns of the remapping matrix.
 
@@ -105,4 +112,4 @@ def num_visible_actions(game: str) -> int:
     Raises:
         ValueError: if ``game`` is not a Procgen game.
     """
-    return int(np.count_nonzero(action_remap_matrix(game).sum(axis=0)))
+    return int(visible_mask(effective_actions(game)).sum())
