@@ -92,6 +92,15 @@ CASES = {
     "precision_16_true": (["--trainer.precision", "16-true"], "trainer.precision=16-true is not allowed"),
     "precision_64_true": (["--trainer.precision", "64-true"], "trainer.precision=64-true is not allowed"),
     "wrong_type": (["--data.n_step", "three"], "data.n_step=three is not allowed: a value of type int"),
+    "cuda_graphs_with_inductor_graphs": (
+        ["--model.cuda_graphs", "true", "--model.compile_mode", "reduce-overhead"],
+        "model.compile_mode=reduce-overhead is not allowed: with model.cuda_graphs=true one of auto, default, "
+        "max-autotune-no-cudagraphs",
+    ),
+    "cuda_graphs_with_a_gradient_scaler": (
+        ["--model.cuda_graphs", "true", "--trainer.precision", "16-mixed"],
+        "trainer.precision=16-mixed is not allowed: with model.cuda_graphs=true one of 32-true, 32, bf16-mixed",
+    ),
 }
 
 

@@ -122,10 +122,12 @@ class _SyncProbe(TorchDispatchMode):
 
 
 @pytest.mark.slow
-def test_the_hot_loop_has_no_host_device_sync(run_dir, monkeypatch):
+@pytest.mark.parametrize("cuda_graphs", ["false", "true"])
+def test_the_hot_loop_has_no_host_device_sync(run_dir, monkeypatch, cuda_graphs):
     """Issue 7 part 5, checked on the CPU: the data path (`next_batches`) and the update (`DRIML.update`) dispatch no
-    op that reads a value back or sizes an output by the data -- under DRIML-ada, whose pair loss used a boolean mask.
-    (Logging steps and the CPU-only finiteness check run outside both and may read back.)"""
+    op that reads a value back or sizes an output by the data -- under DRIML-ada, whose pair loss used a boolean mask,
+    op by op and as the update model.cuda_graphs captures on a GPU. (Logging steps and the CPU-only finiteness check
+    run outside both and may read back.)"""
     probe = _SyncProbe()
     for owner, name in ((ReplayStream, "next_batches"), (DRIML, "update")):
         original = getattr(owner, name)
@@ -135,7 +137,8 @@ def test_the_hot_loop_has_no_host_device_sync(run_dir, monkeypatch):
                 return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(owner, name, probed)
-    main(tiny_args(run_dir, budget=256, config=CONF / "paper" / "ada.yaml", **{"--model.compile": "false"}))
+    main(tiny_args(run_dir, budget=256, config=CONF / "paper" / "ada.yaml",
+                   **{"--model.compile": "false", "--model.cuda_graphs": cuda_graphs}))  # fmt: skip
     assert probe.ops > 1000  # the probe saw the hot loop
     assert probe.seen == []
 
@@ -172,3 +175,25 @@ def test_compiled_sampling_trains_exactly_like_the_eager_sampling(tmp_path):
     assert weights[0].keys() == weights[1].keys()
     for key, value in weights[0].items():
         torch.testing.assert_close(weights[1][key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.slow
+def test_the_captured_update_trains_exactly_like_the_op_by_op_update(tmp_path):
+    """model.cuda_graphs on the CPU runs the captured update's function (and the captured acting's) op by op: a whole
+    DRIML-ada run (pair loss with its shuffle, A, target syncs, acting) ends with the same weights and Adam state."""
+    ckpts = []
+    for flag in ("false", "true"):
+        run = tmp_path / flag
+        main(tiny_args(run, budget=256, config=CONF / "paper" / "ada.yaml",
+                       **{"--model.compile": "false", "--model.cuda_graphs": flag}))  # fmt: skip
+        ckpts.append(torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True))
+    a, b = ckpts
+    assert a["global_step"] == b["global_step"] == 24
+    assert a["hyper_parameters"]["cuda_graphs"] is False and b["hyper_parameters"]["cuda_graphs"] is True
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0, msg=key)
+    state_a, state_b = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert state_a.keys() == state_b.keys()
+    for i, moments in state_a.items():
+        for key, value in moments.items():
+            torch.testing.assert_close(state_b[i][key], value, rtol=0, atol=0, msg=f"{i}.{key}")

@@ -53,6 +53,11 @@ def _masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
+def pair_permutation(pair_valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The negative shuffle pi of `ActionPairModel.loss`: a permutation of the (B * K) pair slots."""
+    return torch.randperm(pair_valid.numel(), generator=generator, device=pair_valid.device)
+
+
 class ActionPairModel(nn.Module):
     """The pair network and the smoothed continuation matrix A (a persistent buffer, saved in checkpoints).
 
@@ -98,20 +103,28 @@ class ActionPairModel(nn.Module):
         x = torch.cat([one_hot(first, NUM_ACTIONS), one_hot(second, NUM_ACTIONS)], dim=-1)
         return self.net(x).squeeze(-1)
 
-    def loss(self, actions: Tensor, pair_valid: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def loss(
+        self,
+        actions: Tensor,
+        pair_valid: Tensor,
+        generator: torch.Generator | None = None,
+        perm: Tensor | None = None,
+    ) -> Tensor:
         """JSD loss on the consecutive pairs of the sampled windows; negatives shuffle the second actions.
 
         Every pair slot of the batch is scored and the invalid ones are masked out (no boolean indexing, so no
         device-to-host sync): positive i is ``(first_i, second_i)``, negative i is ``(first_i, second_pi(i))`` for a
         random permutation pi of the slots, counted when both slots are valid pairs. ``generator`` (on the actions'
         device) draws pi; the module seeds it from the run's seed and the update count, so a resumed run draws the
-        same negatives as an uninterrupted one.
+        same negatives as an uninterrupted one. ``perm`` gives pi instead (the captured update draws it outside its
+        graph, with the same generator: `pair_permutation`).
 
         Shape:
             actions: (B, K + 1) effective ids; pair_valid: (B, K). Returns: scalar.
         """
         first, second, valid = actions[:, :-1].reshape(-1), actions[:, 1:].reshape(-1), pair_valid.reshape(-1)
-        perm = torch.randperm(first.numel(), generator=generator, device=actions.device)
+        if perm is None:
+            perm = pair_permutation(pair_valid, generator)
         return jsd_mi_loss(self.score(first, second), self.score(first, second[perm]), valid, valid & valid[perm])
 
     @torch.no_grad()

@@ -19,6 +19,7 @@ import yaml
 
 from driml_pl.adaptive import CONTINUATION_MAPS
 from driml_pl.envs import DISTRIBUTION_MODES, GAMES
+from driml_pl.graphs import GRAPH_COMPILE_MODES, GRAPH_PRECISIONS
 from driml_pl.horizon import HORIZON_MODES
 
 # The model feeds float32 frames and computes its losses in float32: the `*-true` half/double modes (which cast the
@@ -103,6 +104,19 @@ def check_config(cfg: Any) -> None:
         "one of " + ", ".join(ALLOWED_PRECISION) + " (the *-true half/double modes and transformer-engine are "
         "not supported: the model feeds float32 frames and computes its losses in float32)",
     )
+    if get("model.cuda_graphs") is True:
+        require(
+            "model.compile_mode",
+            lambda v: v in GRAPH_COMPILE_MODES,
+            "with model.cuda_graphs=true one of " + ", ".join(GRAPH_COMPILE_MODES) + " (the others make CUDA "
+            "graphs of their own)",
+        )
+        require(
+            "trainer.precision",
+            lambda v: str(v) in GRAPH_PRECISIONS,
+            "with model.cuda_graphs=true one of " + ", ".join(GRAPH_PRECISIONS) + " (16-mixed's gradient scaler "
+            "reads back to the host every update)",
+        )
 
     # --- sizes and counts
     positive(

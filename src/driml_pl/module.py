@@ -4,7 +4,8 @@ The update is written out in ``training_step`` (manual optimisation): loss, back
 The hot loop keeps the host's work per update small and constant: the loss terms and the histogram of k are added
 to device-side accumulators (no sync), and the metrics are read back and logged only on Lightning's logging steps
 (``trainer.log_every_n_steps``) and at the last update of the budget. ``compile=True`` runs the loss through
-``torch.compile`` (with CUDA graphs on a GPU).
+``torch.compile`` (with CUDA graphs on a GPU). ``cuda_graphs=True`` captures the whole update (loss, backward, clip,
+Adam, DRIML-ada's matrix) and the actors' forward as CUDA graphs (`driml_pl.graphs`): one launch each from the host.
 
 Numerical faults: the first update whose loss terms are not all finite is recorded on the device too (no sync), and
 read back on logging steps (on the CPU, where a read costs nothing, after every step), before any checkpoint is
@@ -25,11 +26,13 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning import Callback
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from driml_pl.adaptive import ActionPairModel
+from driml_pl.adaptive import ActionPairModel, pair_permutation
 from driml_pl.critic import TERMS, DIMCritic
 from driml_pl.envs import NUM_ACTIONS
+from driml_pl.graphs import GRAPH_COMPILE_MODES, GRAPH_PRECISIONS, StepAdam, StepGraph
 from driml_pl.losses import c51_cross_entropy, categorical_projection
 from driml_pl.networks import Features, QNetwork, preprocess
 from driml_pl.remap import effective_actions, visible_mask
@@ -87,7 +90,12 @@ class DRIML(pl.LightningModule):
         compile: run the loss (forward and backward) through ``torch.compile``; equal to eager within float
             tolerance. Compiling takes a minute or two at start-up.
         compile_mode: ``torch.compile`` mode; ``auto`` is ``reduce-overhead`` (CUDA graphs) on a GPU and
-            ``default`` on the CPU.
+            ``default`` on the CPU (and ``default`` with ``cuda_graphs``, which captures the graphs itself).
+        cuda_graphs: capture the whole update (loss, backward, global-norm clip, Adam, DRIML-ada's matrix update) and
+            the actors' greedy forward as CUDA graphs, each replayed with one launch (`driml_pl.graphs`). The first
+            3 updates run eagerly, then the capture. One device only: under DDP only the acting is captured (the
+            gradient all-reduce is not). Not with ``16-mixed`` (its scaler reads back every update). On the CPU the
+            same update runs op by op, bitwise equal to ``false``.
         matmul_precision: float32 matrix products on a GPU: ``high`` lets them use TF32 tensor cores, as cuDNN's
             convolutions already do by default in PyTorch; ``highest`` keeps full float32 (no effect on the CPU).
     """
@@ -121,6 +129,7 @@ class DRIML(pl.LightningModule):
         continuation_map: str = "sigmoid",
         compile: bool = False,
         compile_mode: str = "auto",
+        cuda_graphs: bool = False,
         matmul_precision: str = "high",
     ) -> None:
         super().__init__()
@@ -130,6 +139,11 @@ class DRIML(pl.LightningModule):
             raise ValueError(f"model.target_update_interval must be >= 1, got {target_update_interval}")
         if compile_mode not in COMPILE_MODES:
             raise ValueError(f"model.compile_mode={compile_mode!r} is not allowed; valid: {', '.join(COMPILE_MODES)}")
+        if cuda_graphs and compile_mode not in GRAPH_COMPILE_MODES:
+            raise ValueError(
+                f"model.compile_mode={compile_mode!r} is not allowed with model.cuda_graphs=true (it makes CUDA graphs "
+                f"of its own); valid: {', '.join(GRAPH_COMPILE_MODES)}"
+            )
         self.save_hyperparameters()
         self.automatic_optimization = False  # the update is spelled out in training_step
         self.lambdas = {t: float(getattr(self.hparams, f"lambda_{t}")) for t in TERMS}
@@ -171,6 +185,13 @@ class DRIML(pl.LightningModule):
             )
         self.matmul_precision = matmul_precision
         self._compiled_losses: Any = None  # torch.compile(core_losses), built at the first update
+        self._cuda_graphs = cuda_graphs
+        self._graph_update = cuda_graphs  # off under DDP (set in setup)
+        self._update_graph: StepGraph[dict[str, Tensor]] | None = None  # the captured update, built at the first one
+        self._update_inputs: list[Tensor] = []  # its static inputs
+        self._update_out: dict[str, Tensor] = {}  # its outputs of the last update
+        self._act_graph: StepGraph[Tensor] | None = None  # the actors' captured forward
+        self._act_input: Tensor | None = None
         self._metrics = _DeviceMetrics()
         self._perf: tuple[float, int, int] | None = None  # (time, global env steps, updates) at the last log
         self._last_good_step: int | None = None  # global_step of the last checkpoint saved or resumed from
@@ -181,6 +202,19 @@ class DRIML(pl.LightningModule):
             torch.set_float32_matmul_precision(self.matmul_precision)
         if stage == "fit" and self.trainer.world_size > 1:  # InfoNCE negatives from the global batch
             self.critic.distribute(self.trainer.global_rank, self.trainer.world_size)
+        if self._cuda_graphs and stage == "fit":
+            precision = str(self.trainer.precision)
+            if precision not in GRAPH_PRECISIONS:
+                raise ValueError(
+                    f"trainer.precision={precision} is not allowed with model.cuda_graphs=true (the gradient scaler "
+                    f"reads back to the host every update); valid: {', '.join(GRAPH_PRECISIONS)}"
+                )
+            self._graph_update = self.trainer.world_size == 1
+            if not self._graph_update:
+                rank_zero_warn(
+                    "model.cuda_graphs under DDP captures the acting only; the update runs op by op (the gradient "
+                    "all-reduce is not captured)"
+                )
 
     def _core(self) -> Any:
         """`core_losses`, or its compiled form (built at the first update, once the module is on its device)."""
@@ -189,7 +223,7 @@ class DRIML(pl.LightningModule):
         if self._compiled_losses is None:
             mode = self._compile_mode
             if mode == "auto":
-                mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+                mode = "reduce-overhead" if self.device.type == "cuda" and not self._cuda_graphs else "default"
             self._compiled_losses = torch.compile(self.core_losses, mode=mode)
         return self._compiled_losses
 
@@ -234,9 +268,18 @@ class DRIML(pl.LightningModule):
     def act_actor(self, obs: Tensor) -> Tensor:
         """Greedy actions of the actors' snapshot, on the host (the one device -> host copy of the hot loop)."""
         self._wait_actor()
-        x = preprocess(obs.to(self.device, non_blocking=True), self.obs_size)
-        _, logits = self.actor(x)
-        return self.q_values(logits).argmax(-1).cpu()
+        if not self._cuda_graphs or self.device.type != "cuda":
+            return self._actor_greedy(obs.to(self.device, non_blocking=True)).cpu()
+        if self._act_graph is None or self._act_input is None or self._act_input.shape != obs.shape:
+            self._act_input = obs.to(self.device, copy=True)
+            self._act_graph = StepGraph(lambda: self._actor_greedy(self._act_input), self.device)  # type: ignore[arg-type]
+        else:
+            self._act_input.copy_(obs, non_blocking=True)
+        return self._act_graph().cpu()
+
+    def _actor_greedy(self, obs: Tensor) -> Tensor:
+        _, logits = self.actor(preprocess(obs, self.obs_size))
+        return self.q_values(logits).argmax(-1)
 
     def continuation_snapshot(self) -> Tensor:
         """DRIML-ada's continuation probabilities as of the last `sync_actor` (read by the data stream)."""
@@ -286,11 +329,23 @@ class DRIML(pl.LightningModule):
 
     def losses(self, batch: Batch) -> dict[str, Tensor]:
         """`core_losses` plus DRIML-ada's pair loss (its parameters are disjoint, so adding it trains it alone)."""
-        has_future = (batch.k > 0).float()  # k = 0: the positive would be s_t itself; the anchor is left out
-        out = dict(self._core()(batch.obs, batch.action, batch.returns, batch.discount, batch.next_obs,
-                                 batch.positive_obs, has_future))  # fmt: skip
+        return self._losses(self._loss_inputs(batch))
+
+    def _loss_inputs(self, batch: Batch) -> list[Tensor]:
+        """The tensors an update reads, in `_losses`' order; DRIML-ada's negative shuffle is drawn here."""
+        inputs = [batch.obs, batch.action, batch.returns, batch.discount, batch.next_obs, batch.positive_obs, batch.k]
         if self.pair_model is not None and batch.action_window is not None and batch.pair_valid is not None:
-            out["pair_loss"] = self.pair_model.loss(batch.action_window, batch.pair_valid, self._shuffle_generator())
+            perm = pair_permutation(batch.pair_valid, self._shuffle_generator())
+            inputs += [batch.action_window, batch.pair_valid, perm]
+        return inputs
+
+    def _losses(self, inputs: list[Tensor]) -> dict[str, Tensor]:
+        obs, action, returns, discount, next_obs, positive_obs, k, *pairs = inputs
+        has_future = (k > 0).float()  # k = 0: the positive would be s_t itself; the anchor is left out
+        out = dict(self._core()(obs, action, returns, discount, next_obs, positive_obs, has_future))
+        if self.pair_model is not None and pairs:
+            window, valid, perm = pairs
+            out["pair_loss"] = self.pair_model.loss(window, valid, perm=perm)
             out["loss"] = out["loss"] + out["pair_loss"]
         return out
 
@@ -325,10 +380,57 @@ class DRIML(pl.LightningModule):
 
     def update(self, batch: Batch) -> None:
         """One update: loss, backward, clip (global norm over the DRIML parameters), Adam, target sync."""
-        if self._compiled_losses is not None and self.device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
         optimizer = self.optimizers()
         assert isinstance(optimizer, pl.core.optimizer.LightningOptimizer)
+        if self._graph_update and self._faults is None:
+            out = self._captured_update(batch, optimizer)
+        else:
+            out = self._op_by_op_update(batch, optimizer)
+        if self.global_step % self.target_update_interval == 0:
+            self.sync_target()
+        self._metrics.add(out, batch.k, self.global_step)  # global_step now counts this update: it is update N
+
+    def _captured_update(self, batch: Batch, optimizer: pl.core.optimizer.LightningOptimizer) -> dict[str, Tensor]:
+        """The update as one `StepGraph`: the batch is copied into its static inputs, then Lightning's
+        ``optimizer.step()`` (which counts the update and calls its hooks) runs the graph through `StepAdam`."""
+        inputs = self._loss_inputs(batch)
+        adam = optimizer.optimizer
+        assert isinstance(adam, StepAdam), "model.cuda_graphs needs the module's own optimizer (StepAdam)"
+        if self.device.type != "cuda":  # nothing is captured: the step reads this batch itself
+            self._update_inputs = inputs
+        elif self._update_graph is None:
+            self._update_inputs = [x.clone() for x in inputs]
+        else:
+            torch._foreach_copy_(self._update_inputs, inputs)
+        if self._update_graph is None:
+            self._update_graph = StepGraph(self._update_step, self.device, before_capture=adam.mark_capturable)
+        adam.run_update = self._run_update_graph
+        try:
+            optimizer.step()
+        finally:
+            adam.run_update = None
+        return self._update_out
+
+    def _run_update_graph(self) -> None:
+        assert self._update_graph is not None
+        self._update_out = self._update_graph()
+
+    def _update_step(self) -> dict[str, Tensor]:
+        """What the update graph holds: loss, backward, clip, Adam and DRIML-ada's matrix, on the static inputs."""
+        adam = self.trainer.optimizers[0]
+        assert isinstance(adam, StepAdam)
+        adam.zero_grad(set_to_none=True)  # backward writes the gradients (in a capture: into the graph's memory)
+        out = self._losses(self._update_inputs)
+        out["loss"].backward()
+        self.clip_driml_gradients()
+        adam.adam_step()
+        if self.pair_model is not None:
+            self.pair_model.update_matrix()
+        return out
+
+    def _op_by_op_update(self, batch: Batch, optimizer: pl.core.optimizer.LightningOptimizer) -> dict[str, Tensor]:
+        if self._compiled_losses is not None and self.device.type == "cuda" and not self._cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.losses(batch)
         if self._faults is not None:
             out = self._faults.inject(out, self.global_step + 1, self.global_rank)
@@ -341,9 +443,7 @@ class DRIML(pl.LightningModule):
         optimizer.step()
         if self.pair_model is not None:
             self.pair_model.update_matrix()
-        if self.global_step % self.target_update_interval == 0:
-            self.sync_target()
-        self._metrics.add(out, batch.k, self.global_step)  # global_step now counts this update: it is update N
+        return out
 
     def _log_metrics(self, batch: Batch) -> None:
         """Means since the last log of the loss terms and of k, the continuation statistics and the rollout.
@@ -473,6 +573,7 @@ class DRIML(pl.LightningModule):
         (spec §2.6) while Lightning keeps counting one optimizer step per update; it is also left out of clipping.
         """
         self._clipped = self._main_parameters()  # the same Parameter objects for the whole run
+        self._update_graph = None  # a graph captured with an earlier optimizer would update its state, not this one's
         groups: list[dict[str, Any]] = [{"params": self._clipped}]
         if self.pair_model is not None:
             groups.append({"params": list(self.pair_model.parameters())})
@@ -480,7 +581,7 @@ class DRIML(pl.LightningModule):
         # code path; the loop version reads each parameter's step count back to the host (a sync per parameter on a
         # GPU). Same update rule: after 20 steps the two differ by at most 3e-8; CPU speed at the paper's size is
         # the same (5.1 DRIML updates/s with either)
-        return torch.optim.Adam(groups, lr=self.lr, eps=self.adam_eps, fused=True)
+        return StepAdam(groups, lr=self.lr, eps=self.adam_eps, fused=True)
 
     def clip_driml_gradients(self) -> None:
         """Global-norm clip over the DRIML parameters (spec §3: 10); DRIML-ada's pair network is left out."""
