@@ -19,7 +19,8 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 echo "host: $(nproc) cores; $(python3 -c 'import torch; print("torch", torch.__version__)')"
 python3 -c "from procgen import ProcgenGym3Env; ProcgenGym3Env(num=2, env_name='bigfish')" 2>/dev/null || exit 1
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_replay.py 2>&1 | tail -1
+# the replay's reference tests on the GPU, and the captured update and acting (model.cuda_graphs) against op by op
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_replay.py tests/test_graphs.py 2>&1 | tail -3
 bench() {  # name, time limit, then throughput.py arguments; a failure or overrun cannot eat the others' time
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 benchmarks/throughput.py --device cuda --replay-size 1000000 \
@@ -28,5 +29,6 @@ bench() {  # name, time limit, then throughput.py arguments; a failure or overru
 }
 timeout 60 python3 benchmarks/data_path.py --device cuda 2>&1 | grep -E "^\||^[A-Z]" | tee "$out/data_path.txt"
 bench compiled_k7 120 --updates 700 --per-step 7 --compile
-bench compiled_k7_sampling 120 --updates 700 --per-step 7 --compile --compile-sampling --compare-sampling
-bench eager_k7 60 --updates 700 --per-step 7
+# the captured update and acting with the fused sampling; (d) also with the eager sampling, side by side
+bench graphs_k7_sampling 150 --updates 700 --per-step 7 --compile --cuda-graphs --compile-sampling --compare-sampling
+bench graphs_k7 120 --updates 700 --per-step 7 --compile --cuda-graphs

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from driml_pl.data import DRIMLDataModule
 from driml_pl.envs import EnvConfig
+from driml_pl.graphs import StepAdam
 from driml_pl.module import DRIML
 from driml_pl.types import Batch, RolloutStats
 
@@ -91,7 +92,8 @@ class NullDRIML(DRIML):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         self._clipped = [self.null]
-        return torch.optim.Adam([self.null], lr=1e-3)
+        self._update_graph = None
+        return StepAdam([self.null], lr=1e-3)
 
 
 def fixed_batch(b: int, device: str) -> Batch:
@@ -116,7 +118,7 @@ def make_trainer(args: argparse.Namespace, timer: Timer, max_steps: int, log_dir
 
 def model(args: argparse.Namespace, lambda_gg: float, null: bool = False) -> DRIML:
     cls = NullDRIML if null else DRIML
-    return cls(lambda_gg=lambda_gg, obs_size=tuple(args.obs), compile=args.compile)
+    return cls(lambda_gg=lambda_gg, obs_size=tuple(args.obs), compile=args.compile, cuda_graphs=args.cuda_graphs)
 
 
 def learner_only(args: argparse.Namespace, lambda_gg: float, log_dir: str, null: bool = False) -> float:
@@ -186,6 +188,7 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=100, help="trainer.log_every_n_steps")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--compile", action="store_true", help="model.compile=true")
+    parser.add_argument("--cuda-graphs", action="store_true", help="model.cuda_graphs=true")
     parser.add_argument("--per-step", type=int, default=1, help="data.updates_per_batch (updates per Lightning step)")
     parser.add_argument("--compile-sampling", action="store_true", help="data.compile_sampling=true")
     parser.add_argument(
@@ -208,7 +211,8 @@ def main() -> None:
     null_loop = learner_only(args, 0.0, log_dir, null=True)
     setting = (
         f"batch {args.batch}, input {args.obs[0]}x{args.obs[1]}, {args.num_envs} envs, replay ratio "
-        f"{args.replay_ratio:g}, precision {args.precision}, compile {args.compile}, compile_sampling "
+        f"{args.replay_ratio:g}, precision {args.precision}, compile {args.compile}, cuda_graphs {args.cuda_graphs}, "
+        f"compile_sampling "
         f"{args.compile_sampling}, {args.per_step} updates per Lightning step, {args.updates} timed updates"
     )
     print(f"\n## {device_name(args.device)} (torch {torch.__version__}): {setting}\n")
