@@ -73,23 +73,29 @@ class StepGraph(Generic[T]):
             if self.before_capture is not None:
                 self.before_capture()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # records the kernels; none of them runs yet
+            # captured on the warm-up stream, whose cuBLAS handle and workspace the warm-up created (lazily creating
+            # them on another stream mid-capture is what breaks captures; PyTorch's make_graphed_callables does the
+            # same); it records the kernels, none of them runs yet
+            with torch.cuda.graph(graph, stream=self._side_stream()):
                 self.output = self.fn()
         self.graph = graph
         graph.replay()
         return self.output
 
     def _eager_on_side_stream(self) -> T:
-        """One eager call on a side stream, ordered after and before the caller's stream (as PyTorch's guide to
-        CUDA graphs warms up), so lazily created workspaces belong to a stream that is not the capture's origin."""
+        """One eager call on the side stream, ordered after and before the caller's stream (as PyTorch's guide to
+        CUDA graphs warms up): lazily created handles and workspaces are made here, for the capture's stream."""
+        side, current = self._side_stream(), torch.cuda.current_stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            out = self.fn()
+        current.wait_stream(side)
+        return out
+
+    def _side_stream(self) -> Any:
         if self._side is None:
             self._side = torch.cuda.Stream(self.device)
-        current = torch.cuda.current_stream(self.device)
-        self._side.wait_stream(current)
-        with torch.cuda.stream(self._side):
-            out = self.fn()
-        current.wait_stream(self._side)
-        return out
+        return self._side
 
 
 def _no_autocast_cache() -> contextlib.AbstractContextManager[Any]:
