@@ -104,8 +104,10 @@ class ReplayStream(IterableDataset):
         self.continuation: ContinuationSource | None = None
         self.refresh: Callable[[], None] | None = None
         # on a GPU the whole data path (uploads, acting, sampling, gathers) runs on its own CUDA stream, so it never
-        # queues behind the learner's kernels; the learner's stream waits for each batch on the device
-        self.cuda_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # queues behind the learner's kernels; the learner's stream waits for each batch on the device. The stream
+        # has the high priority: the acting forward, whose result the host waits for, is scheduled ahead of the
+        # learner's queued kernels instead of after them
+        self.cuda_stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
 
     def bind(
         self,
