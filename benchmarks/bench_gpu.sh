@@ -31,4 +31,5 @@ timeout 60 python3 benchmarks/data_path.py --device cuda 2>&1 | grep -E "^\||^[A
 bench compiled_k7 120 --updates 700 --per-step 7 --compile
 # the captured update and acting with the fused sampling; (d) also with the eager sampling, side by side
 bench graphs_k7_sampling 150 --updates 700 --per-step 7 --compile --cuda-graphs --compile-sampling --compare-sampling
-bench graphs_k7 120 --updates 700 --per-step 7 --compile --cuda-graphs
+# DRIML first: C51 measured first has come out slower end to end than DRIML, a first-in-process cost is suspected
+bench graphs_k7 120 --updates 700 --per-step 7 --compile --cuda-graphs --learners driml,c51

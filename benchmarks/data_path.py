@@ -3,8 +3,9 @@ or 3.7 ms (the lent H100 VM) per update goes.
 
 Parts: the replay upload of one vector step; anchor, horizon and gather sampling of a minibatch of 256 (eager, and
 with the gather compiled as ``data.compile_sampling`` does); the actors' forward pass on 32 frames with its
-device -> host copy; the snapshot copy; Procgen stepping 32 envs with 4, 8 and 16 threads; and the dispatch cost of
-100 tiny tensor operations, as a yardstick of per-op host overhead.
+device -> host copy (op by op, and captured as ``model.cuda_graphs`` does on a GPU); the snapshot copy; Procgen
+stepping 32 envs with 4, 8 and 16 threads; and the dispatch cost of 100 tiny tensor operations, as a yardstick of
+per-op host overhead.
 
 Usage: python benchmarks/data_path.py [--device cpu|cuda]
 """
@@ -64,6 +65,9 @@ def main() -> None:
     timed("sample + gather, compiled gather: minibatch of 256", sample, device)
     replay.compile_gather = False
     timed("act_actor: 32 frames, with the device -> host copy", lambda: model.act_actor(replay.latest()), device)
+    graphed = DRIML(cuda_graphs=True).to(device)  # the acting forward as a CUDA graph (op by op on the CPU)
+    graphed.sync_actor()
+    timed("act_actor, model.cuda_graphs: captured forward", lambda: graphed.act_actor(replay.latest()), device)
     timed("sync_actor: the snapshot copy", model.sync_actor, device)
     zero = torch.zeros((), device=device)
     timed("100 tiny tensor additions (dispatch yardstick)", lambda: [zero + 1 for _ in range(100)], device, n=20)
