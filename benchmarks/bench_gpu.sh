@@ -2,10 +2,9 @@
 # The GPU benchmark: one prepared run that checks the replay on the GPU against the reference tests and prints the
 # host time per data-path part and the throughput tables with the card's name (under 5 minutes). On a machine with
 # the project installed, just run it.
-# On a machine without a package registry, put the missing wheels in .gpu-wheels/ (../shared/gpu/prepare-wheels.sh
-# plus cffi and pycparser) and the shared libraries Procgen links (libGL, libGLX, libGLdispatch, glib, X11, xcb and
-# their small dependencies, copied from a Debian/Ubuntu x86_64 machine) in .gpu-libs/. Results also go to $OUT (or
-# bench_out/) as JSON and logs.
+# On a machine without a package registry (the lent GPU machine), benchmarks/prepare_gpu_run.sh on the dev machine
+# first fills .gpu-wheels/ (the missing wheels) and .gpu-libs/ (the shared libraries Procgen links), which a device
+# run carries. Results also go to $OUT (or bench_out/) as JSON and logs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ -d .gpu-wheels ]; then
