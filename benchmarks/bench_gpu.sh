@@ -19,7 +19,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 echo "host: $(nproc) cores; $(python3 -c 'import torch; print("torch", torch.__version__)')"
 python3 -c "from procgen import ProcgenGym3Env; ProcgenGym3Env(num=2, env_name='bigfish')" 2>/dev/null || exit 1
 # the replay's reference tests on the GPU, and the captured update and acting (model.cuda_graphs) against op by op
-timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_replay.py tests/test_graphs.py 2>&1 | tail -3
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rfs tests/test_replay.py tests/test_graphs.py 2>&1 | tail -6
 bench() {  # name, time limit, then throughput.py arguments; a failure or overrun cannot eat the others' time
   local name=$1 limit=$2; shift 2
   timeout "$limit" python3 benchmarks/throughput.py --device cuda --replay-size 1000000 \
@@ -28,7 +28,8 @@ bench() {  # name, time limit, then throughput.py arguments; a failure or overru
 }
 timeout 60 python3 benchmarks/data_path.py --device cuda 2>&1 | grep -E "^\||^[A-Z]" | tee "$out/data_path.txt"
 bench compiled_k7 120 --updates 700 --per-step 7 --compile
-# the captured update and acting with the fused sampling; (d) also with the eager sampling, side by side
-bench graphs_k7_sampling 150 --updates 700 --per-step 7 --compile --cuda-graphs --compile-sampling --compare-sampling
-# DRIML first: C51 measured first has come out slower end to end than DRIML, a first-in-process cost is suspected
-bench graphs_k7 120 --updates 700 --per-step 7 --compile --cuda-graphs --learners driml,c51
+# the captured update and acting with the fused sampling, (d) also with the eager sampling, side by side. (a) is the
+# learner alone, so the graphs' effect on the learner reads against compiled_k7's (a). DRIML is measured first here:
+# C51, measured first, has come out slower end to end than DRIML on the GPU, and a first-in-process cost is suspected
+bench graphs_k7_sampling 150 --updates 700 --per-step 7 --compile --cuda-graphs --compile-sampling --compare-sampling \
+  --learners driml,c51
