@@ -58,7 +58,8 @@ def smoke(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """CPU benchmarks (about 15 minutes): throughput tables at the CPU goal's size (batch 32, 64x64 input; 1 and 7
-    updates per Lightning step) and with the paper's network and batch, checkpoint cost at two replay sizes, replay
+    updates per Lightning step) and with the paper's network and batch, host-dispatched operations per update,
+    checkpoint cost at two replay sizes, replay
     memory, and 1 vs 2 DDP ranks (gloo, CPU) at the same global batch."""
     install_project(session)
     small = ["--batch", "32", "--obs", "64", "64", "--num-envs", "16", "--replay-ratio", "4", "--updates", "140",
@@ -66,6 +67,7 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/throughput.py", *small, "--per-step", "1", *session.posargs)
     session.run("python", "benchmarks/throughput.py", *small, "--per-step", "7", *session.posargs)
     session.run("python", "benchmarks/throughput.py", "--updates", "42", "--per-step", "7", *session.posargs)
+    session.run("python", "benchmarks/host_ops.py")  # operations the host dispatches per update (a GPU proxy)
     session.run("python", "benchmarks/checkpoint_cost.py")
     session.run("python", "benchmarks/replay_memory.py")
     session.run("python", "benchmarks/ddp_throughput.py")  # 1 vs 2 gloo CPU ranks, same global batch

@@ -112,3 +112,18 @@ def test_captured_acting_follows_the_snapshot_the_learner_refreshes_on_a_gpu():
         greedy = model.act_actor(obs)
         assert torch.equal(greedy, model._actor_greedy(obs).cpu()), i
     assert model._act_graph is not None and model._act_graph.captured
+
+
+def test_a_checkpoint_of_a_captured_run_loads_without_its_capture_flag():
+    """Adam's ``capturable`` flag records how the writing run stepped (a capture sets it), not training state: a run
+    resuming from its checkpoint, captured or not, starts from ``False`` (so an eager GPU run does not take the
+    capturable path, and a captured one sets it again right before its capture)."""
+    model = DRIML(obs_size=(64, 64), feature_dim=64)
+    adam = model.configure_optimizers()
+    adam.mark_capturable()
+    checkpoint = {"global_step": 3, "optimizer_states": [adam.state_dict()]}
+    assert all(group["capturable"] for group in checkpoint["optimizer_states"][0]["param_groups"])
+    model.on_load_checkpoint(checkpoint)
+    resumed = model.configure_optimizers()
+    resumed.load_state_dict(checkpoint["optimizer_states"][0])
+    assert [group["capturable"] for group in resumed.param_groups] == [False]

@@ -197,3 +197,8 @@ def test_the_captured_update_trains_exactly_like_the_op_by_op_update(tmp_path):
     for i, moments in state_a.items():
         for key, value in moments.items():
             torch.testing.assert_close(state_b[i][key], value, rtol=0, atol=0, msg=f"{i}.{key}")
+    # the metrics' row is computed inside the captured update: every logged loss, k and rollout value is the same
+    logged = [[{k: v for k, v in row.items() if k.split("/")[0] in ("train", "horizon", "rollout")}
+               for row in read_metrics(tmp_path / flag)] for flag in ("false", "true")]  # fmt: skip
+    assert len(logged[0]) > 20 and any("train/pair_loss" in row for row in logged[0])
+    assert logged[0] == logged[1]

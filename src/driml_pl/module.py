@@ -48,6 +48,7 @@ warnings.filterwarnings("ignore", message=r"`torch._prims_common.check` is depre
 
 K_LOGGED = 13  # horizons logged one by one (the paper's cap for DRIML-ada)
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+_StepOutput = tuple[dict[str, Tensor], Tensor, Tensor]  # an update's losses, and its metrics row (`_DeviceMetrics.row`)
 NO_FAULT = torch.iinfo(torch.int64).max  # `_DeviceMetrics.fault` while every loss term so far was finite
 
 
@@ -187,9 +188,9 @@ class DRIML(pl.LightningModule):
         self._compiled_losses: Any = None  # torch.compile(core_losses), built at the first update
         self._cuda_graphs = cuda_graphs
         self._graph_update = cuda_graphs  # off under DDP (set in setup)
-        self._update_graph: StepGraph[dict[str, Tensor]] | None = None  # the captured update, built at the first one
+        self._update_graph: StepGraph[_StepOutput] | None = None  # the captured update, built at the first one
         self._update_inputs: list[Tensor] = []  # its static inputs
-        self._update_out: dict[str, Tensor] = {}  # its outputs of the last update
+        self._update_out: _StepOutput | None = None  # its outputs of the last update
         self._act_graph: StepGraph[Tensor] | None = None  # the actors' captured forward
         self._act_input: Tensor | None = None
         self._metrics = _DeviceMetrics()
@@ -268,7 +269,7 @@ class DRIML(pl.LightningModule):
     def act_actor(self, obs: Tensor) -> Tensor:
         """Greedy actions of the actors' snapshot, on the host (the one device -> host copy of the hot loop)."""
         self._wait_actor()
-        if not self._cuda_graphs or self.device.type != "cuda":
+        if not self._cuda_graphs:
             return self._actor_greedy(obs.to(self.device, non_blocking=True)).cpu()
         if self._act_graph is None or self._act_input is None or self._act_input.shape != obs.shape:
             self._act_input = obs.to(self.device, copy=True)
@@ -383,40 +384,42 @@ class DRIML(pl.LightningModule):
         optimizer = self.optimizers()
         assert isinstance(optimizer, pl.core.optimizer.LightningOptimizer)
         if self._graph_update and self._faults is None:
-            out = self._captured_update(batch, optimizer)
+            out, values, counts = self._captured_update(batch, optimizer)
         else:
             out = self._op_by_op_update(batch, optimizer)
+            values, counts = _DeviceMetrics.row(out, batch.k)
         if self.global_step % self.target_update_interval == 0:
             self.sync_target()
-        self._metrics.add(out, batch.k, self.global_step)  # global_step now counts this update: it is update N
+        # global_step now counts this update: it is update N
+        self._metrics.add_row([*out, "horizon/k_mean"], values, counts, self.global_step)
 
-    def _captured_update(self, batch: Batch, optimizer: pl.core.optimizer.LightningOptimizer) -> dict[str, Tensor]:
+    def _captured_update(self, batch: Batch, optimizer: pl.core.optimizer.LightningOptimizer) -> _StepOutput:
         """The update as one `StepGraph`: the batch is copied into its static inputs, then Lightning's
         ``optimizer.step()`` (which counts the update and calls its hooks) runs the graph through `StepAdam`."""
         inputs = self._loss_inputs(batch)
         adam = optimizer.optimizer
         assert isinstance(adam, StepAdam), "model.cuda_graphs needs the module's own optimizer (StepAdam)"
-        if self.device.type != "cuda":  # nothing is captured: the step reads this batch itself
-            self._update_inputs = inputs
-        elif self._update_graph is None:
+        # the same static inputs on every device: on the CPU nothing is captured, but the tests then check this path
+        if self._update_graph is None:
             self._update_inputs = [x.clone() for x in inputs]
+            self._update_graph = StepGraph(self._update_step, self.device, before_capture=adam.mark_capturable)
         else:
             torch._foreach_copy_(self._update_inputs, inputs)
-        if self._update_graph is None:
-            self._update_graph = StepGraph(self._update_step, self.device, before_capture=adam.mark_capturable)
         adam.run_update = self._run_update_graph
         try:
             optimizer.step()
         finally:
             adam.run_update = None
+        assert self._update_out is not None
         return self._update_out
 
     def _run_update_graph(self) -> None:
         assert self._update_graph is not None
         self._update_out = self._update_graph()
 
-    def _update_step(self) -> dict[str, Tensor]:
-        """What the update graph holds: loss, backward, clip, Adam and DRIML-ada's matrix, on the static inputs."""
+    def _update_step(self) -> _StepOutput:
+        """What the update graph holds: loss, backward, clip, Adam, DRIML-ada's matrix and the metrics' row, on the
+        static inputs."""
         adam = self.trainer.optimizers[0]
         assert isinstance(adam, StepAdam)
         adam.zero_grad(set_to_none=True)  # backward writes the gradients (in a capture: into the graph's memory)
@@ -426,7 +429,7 @@ class DRIML(pl.LightningModule):
         adam.adam_step()
         if self.pair_model is not None:
             self.pair_model.update_matrix()
-        return out
+        return (out, *_DeviceMetrics.row(out, self._update_inputs[6]))
 
     def _op_by_op_update(self, batch: Batch, optimizer: pl.core.optimizer.LightningOptimizer) -> dict[str, Tensor]:
         if self._compiled_losses is not None and self.device.type == "cuda" and not self._cuda_graphs:
@@ -552,6 +555,10 @@ class DRIML(pl.LightningModule):
                 stacklevel=2,
             )
             self.pair_model.mapping = "softmax"
+        for state in checkpoint.get("optimizer_states", []):
+            for group in state.get("param_groups", []):
+                # how the writing run stepped Adam (captured or not), not training state: this run sets its own
+                group["capturable"] = False
 
     def sync_target(self) -> None:
         """Hard copy of the online network into the target network."""
@@ -730,12 +737,24 @@ class _DeviceMetrics:
             self.fault = self._no_fault.clone()
         self._held = 0
 
-    def add(self, out: dict[str, Tensor], k: Tensor, update: int) -> None:
+    @staticmethod
+    def row(out: dict[str, Tensor], k: Tensor) -> tuple[Tensor, Tensor]:
+        """One update's scalars (``out``'s values, then the mean k) and its counts of k per logged bin: device ops
+        only, so the captured update computes them inside its graph."""
         values = torch.stack([v.detach().float() for v in out.values()] + [k.float().mean()])
+        bins = k.clamp(max=K_LOGGED + 1)  # a comparison, not bincount, which reads the maximum back on a GPU
+        counts = (bins[:, None] == torch.arange(K_LOGGED + 2, device=k.device)).sum(0, dtype=torch.float32)
+        return values, counts
+
+    def add(self, out: dict[str, Tensor], k: Tensor, update: int) -> None:
+        self.add_row([*out, "horizon/k_mean"], *self.row(out, k), update)
+
+    def add_row(self, keys: list[str], values: Tensor, counts: Tensor, update: int) -> None:
+        """Record one update's `row` (``keys`` name ``values``); two device ops, no read-back."""
         if self.sums is None or self.k_hist is None:
-            self.keys = [*out, "horizon/k_mean"]
+            self.keys = keys
             self.sums = torch.zeros_like(values)
-            self.k_hist = torch.zeros(K_LOGGED + 2, dtype=torch.float32, device=k.device)
+            self.k_hist = torch.zeros(K_LOGGED + 2, dtype=torch.float32, device=values.device)
         if self._rows is None or self._rows.device != values.device:  # first update, or restored elsewhere
             self.sums, self.k_hist = self.sums.to(values.device), self.k_hist.to(values.device)
             self.fault = None if self.fault is None else self.fault.to(values.device)
@@ -749,9 +768,7 @@ class _DeviceMetrics:
         self._held += 1
         if self._held == self.ROWS:
             self.flush()
-        # index_add_ instead of bincount, which reads the maximum back to the host on a GPU
-        bins = k.clamp(max=K_LOGGED + 1)
-        self.k_hist.index_add_(0, bins, torch.ones_like(bins, dtype=torch.float32))
+        self.k_hist += counts
         self.count += 1
 
     def flush(self) -> None:
