@@ -4,10 +4,13 @@ On the lent GPU VM every tensor operation the host dispatches costs it tens of m
 the kernel launch), whatever the kernel's size, so the count per update bounds the update rate the host can feed. A
 real ``fit`` (DRIML-randk, lambda_GG = 1, bigfish, 8 envs, batch 32, ratio 4: one vector step per update, 7 updates
 per Lightning step, as the paper's schedule) runs with a dispatch counter around the data path
-(`ReplayStream.next_batches`) and the update (`DRIML.update`). Each call of a compiled region or a `StepGraph` counts
+(`ReplayStream.next_batches`) and the update (`DRIML.update`), from its second Lightning step on (the first data
+call also fills the replay up to ``learning_starts``). Each call of a compiled region or a `StepGraph` counts
 as one operation, as its replay is one launch on a GPU (inductor's CPU code in between is not dispatched), and so
 does the backward of the compiled loss (one CUDA-graph replay under ``reduce-overhead``). So the counts are what a
-GPU host would dispatch, the same on every machine. Not counted: Lightning's loop and the Python between operations.
+GPU host would dispatch, the same on every machine, but for the replay's uploads: on a GPU they go through pinned
+staging buffers, about 5 more operations per vector step than this CPU path. Not counted: Lightning's loop and the
+Python between operations.
 
 Usage: python benchmarks/host_ops.py
 """
@@ -30,6 +33,7 @@ from driml_pl.envs import EnvConfig
 from driml_pl.module import DRIML
 
 UPDATES = 140
+PER_STEP = 7  # data.updates_per_batch
 CONFIGS = {  # name: (model.compile, model.cuda_graphs, data.compile_sampling)
     "op by op (eager)": (False, False, False),
     "model.compile (the paper configs)": (True, False, False),
@@ -56,6 +60,7 @@ class _Probe:
         self.counts: dict[str, int] = collections.Counter()
         self.calls: dict[str, int] = collections.Counter()
         self._active: _Counter | None = None
+        self.started = False
 
     @contextlib.contextmanager
     def region(self) -> Iterator[None]:
@@ -79,8 +84,10 @@ class _Probe:
                     return original(self_, *args, **kwargs)
             finally:
                 probe._active = None
-                probe.counts[key] += counter.ops
-                probe.calls[key] += 1
+                if probe.started:
+                    probe.counts[key] += counter.ops
+                    probe.calls[key] += 1
+                probe.started |= key == "data"  # the first data call holds the replay's warm-up fill: not counted
 
         setattr(owner, name, counted)
         return lambda: setattr(owner, name, original)
@@ -89,7 +96,8 @@ class _Probe:
 def _fit(compile_: bool, graphs: bool, sampling: bool, probe: _Probe, log_dir: str) -> None:
     data = DRIMLDataModule(env=EnvConfig(game="bigfish", num_envs=8), total_env_steps=1000 + 8 * (UPDATES + 8),
                            replay_size=20_000, batch_size=32, replay_ratio=4.0, learning_starts=1000,
-                           updates_per_epoch=UPDATES + 7, updates_per_batch=7, compile_sampling=sampling)  # fmt: skip
+                           updates_per_epoch=UPDATES + PER_STEP, updates_per_batch=PER_STEP,
+                           compile_sampling=sampling)  # fmt: skip
     model = DRIML(lambda_gg=1.0, obs_size=(64, 64), compile=compile_, cuda_graphs=graphs)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=UPDATES, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
@@ -135,9 +143,11 @@ def main() -> None:
     for name, (c, g, s) in CONFIGS.items():
         probe.counts.clear()
         probe.calls.clear()
+        probe.started = False
         _fit(c, g, s, probe, log_dir)
-        updates = probe.calls["update"]
-        data, update = probe.counts["data"] / updates, probe.counts["update"] / updates
+        # each data call hands out one Lightning step's PER_STEP minibatches
+        data = probe.counts["data"] / (PER_STEP * probe.calls["data"])
+        update = probe.counts["update"] / probe.calls["update"]
         rows.append((name, data, update))
     for restore in undo:
         restore()
