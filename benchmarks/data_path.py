@@ -1,8 +1,9 @@
 """Host time of each part of the data path, one at a time (the paper's sizes): where a null learner's 0.8 ms (CPU)
 or 3.7 ms (the lent H100 VM) per update goes.
 
-Parts: the replay upload of one vector step; anchor, horizon and gather sampling of a minibatch of 256 (eager, and
-with the gather compiled as ``data.compile_sampling`` does); the actors' forward pass on 32 frames with its
+Parts: the replay upload and write of one vector step (eager, and compiled as ``data.compile_sampling`` does);
+anchor, horizon and gather sampling of a minibatch of 256 (eager, and with the gather compiled as
+``data.compile_sampling`` does); the actors' forward pass on 32 frames with its
 device -> host copy (op by op, and captured as ``model.cuda_graphs`` does on a GPU); the snapshot copy; Procgen
 stepping 32 envs with 4, 8 and 16 threads; and the dispatch cost of 100 tiny tensor operations, as a yardstick of
 per-op host overhead.
@@ -41,6 +42,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     device = parser.parse_args().device
+    # compile in this process: inductor's pool of compile workers would keep warming up in the background for
+    # seconds after a compile, taking this machine's 2 cores from the timings that follow
+    torch._inductor.config.compile_threads = 1
     replay = FrameReplay(32, 31_250, n_step=7, gamma=0.99, max_k=2, device=device)
     frames = np.random.default_rng(0).integers(0, 255, (32, 64, 64, 3), dtype=np.uint8)
     actions, rewards, dones = np.zeros(32, np.int64), np.zeros(32, np.float32), np.zeros(32, bool)
@@ -59,6 +63,10 @@ def main() -> None:
     print(f"\n{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}\n")
     print("| part | ms per call |\n|---|---|")
     timed("replay.add: one vector step of 32 frames", lambda: replay.add(actions, rewards, dones, frames), device)
+    replay.compile_writes = True  # data.compile_sampling: the same write through torch.compile
+    replay.add(actions, rewards, dones, frames)  # compiles
+    timed("replay.add, compiled write: one vector step", lambda: replay.add(actions, rewards, dones, frames), device)
+    replay.compile_writes = False
     timed("sample + gather: minibatch of 256", sample, device)
     replay.compile_gather = True  # data.compile_sampling: the same gather through torch.compile
     sample()  # compiles

@@ -30,10 +30,11 @@ def scripted(
     gamma: float = 0.9,
     device: str = "cpu",
     steps: int = STEPS,
+    compile_writes: bool = False,
 ):
     """A replay filled with frames that encode their own time, random rewards and frequent terminals."""
     rng = np.random.default_rng(0)
-    replay = FrameReplay(E, capacity, n_step, gamma, max_k, frame_stack, device)
+    replay = FrameReplay(E, capacity, n_step, gamma, max_k, frame_stack, device, compile_writes=compile_writes)
 
     def frames_at(t: int) -> np.ndarray:
         f = np.zeros((E, 64, 64, 3), dtype=np.uint8)
@@ -167,3 +168,16 @@ def test_compiled_gather_equals_the_eager_gather_bitwise(device, frame_stack):
         for name, a, b in zip(ReplaySample._fields, eager, compiled, strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b), name
     assert replay._compiled_gather is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_writes_equal_the_eager_writes_bitwise(device):
+    """`compile_writes` (data.compile_sampling) writes each vector step with one compiled function and the slot on the
+    device: after 90 steps through a ring of 40 slots (two wrap-arounds, terminals) every column is the same."""
+    eager, _ = scripted(capacity=40, device=device)
+    compiled, _ = scripted(capacity=40, device=device, compile_writes=True)
+    assert compiled._compiled_write is not None and eager._compiled_write is None
+    assert compiled.t == eager.t == STEPS
+    for name in ("frames", "actions", "rewards", "dones", "firsts"):
+        a, b = getattr(eager, name), getattr(compiled, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name

@@ -337,9 +337,10 @@ class DRIMLDataModule(pl.LightningDataModule):
         eval_video_every: record episode 0 of each level set as a GIF at every N-th evaluation period during fit
             (and at the end of the budget), and in every ``validate``/``test`` (0: no videos).
         eval_video_frames: at most this many frames per video.
-        compile_sampling: gather each minibatch through ``torch.compile`` (the replay's ``compile_gather``): a few
-            fused kernels instead of some forty small ops per minibatch, bitwise equal to the eager gather. Off by
-            default: see the README's speed section for what it is measured to give.
+        compile_sampling: the replay's index work through ``torch.compile``: each minibatch's gather and horizon
+            draw (the replay's ``compile_gather``: a few fused kernels instead of some forty small ops) and each
+            vector step's write (``compile_writes``: one fused write instead of some twenty ops); bitwise equal to
+            the eager path. Off by default: see the README's speed section for what it is measured to give.
     """
 
     def __init__(
@@ -440,7 +441,7 @@ class DRIMLDataModule(pl.LightningDataModule):
         capacity = self.replay_size // world // local_envs
         replay = FrameReplay(local_envs, capacity, self.n_step, self.gamma,
                              self.horizon.max_k, self.frame_stack, self._replay_device(),
-                             compile_gather=self.compile_sampling)  # fmt: skip
+                             compile_gather=self.compile_sampling, compile_writes=self.compile_sampling)  # fmt: skip
         self.stream = ReplayStream(
             Collector(env, replay, rng),
             self.horizon,
