@@ -162,7 +162,7 @@ def _first_frames(run: Path, rank: int) -> np.ndarray:
 def test_two_rank_fit_matches_one_rank_and_resumes_exactly(tmp_path):
     """One rank and 2 gloo ranks with the same global settings make the same updates on the same number of global env
     steps; the ranks play different levels and each keeps its stream state; a 2-rank run stopped after 2 epochs (24
-    updates) and resumed ends with the weights of the straight 2-rank run."""
+    updates) and resumed ends with the weights of the straight 2-rank run, with model.cuda_graphs set or not."""
     one, straight, resumed = tmp_path / "one", tmp_path / "straight", tmp_path / "resumed"
     main(tiny_args(one, budget=BUDGET, **{"--trainer.enable_progress_bar": "false"}))
     _ddp_fit(straight)
@@ -196,9 +196,13 @@ def test_two_rank_fit_matches_one_rank_and_resumes_exactly(tmp_path):
     assert not np.array_equal(seeds[0], seeds[1]), seeds
     assert not np.array_equal(_first_frames(straight, 0), _first_frames(straight, 1))
 
-    _ddp_fit(resumed, **{"--trainer.max_epochs": 2})
+    # the resumed run also sets model.cuda_graphs: under DDP only the acting goes through its StepGraph (on the CPU,
+    # op by op), the update stays op by op, and the weights still end bitwise equal to the straight run's
+    graphs = {"--model.cuda_graphs": "true"}
+    _ddp_fit(resumed, **{"--trainer.max_epochs": 2}, **graphs)
     assert _last(resumed)["global_step"] == 24
-    _ddp_fit(resumed, **{"--ckpt_path": "last"})
+    assert _last(resumed)["hyper_parameters"]["cuda_graphs"] is True
+    _ddp_fit(resumed, **{"--ckpt_path": "last"}, **graphs)
     a, b = _last(straight), _last(resumed)
     assert b["global_step"] == updates
     assert a["state_dict"].keys() == b["state_dict"].keys()
