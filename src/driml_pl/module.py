@@ -429,7 +429,8 @@ class DRIML(pl.LightningModule):
         adam.adam_step()
         if self.pair_model is not None:
             self.pair_model.update_matrix()
-        return (out, *_DeviceMetrics.row(out, self._update_inputs[6]))
+        k = self._update_inputs[6]  # `_loss_inputs`' order: obs, action, returns, discount, next_obs, positive_obs, k
+        return (out, *_DeviceMetrics.row(out, k))
 
     def _op_by_op_update(self, batch: Batch, optimizer: pl.core.optimizer.LightningOptimizer) -> dict[str, Tensor]:
         if self._compiled_losses is not None and self.device.type == "cuda" and not self._cuda_graphs:
