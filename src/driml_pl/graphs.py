@@ -40,6 +40,7 @@ class StepGraph(Generic[T]):
         device: where it runs; CUDA graphs only on ``cuda``.
         warmup: eager calls before the capture (on a GPU).
         before_capture: called once, right before the capture (e.g. to mark an optimizer capturable).
+        what: what the step is, for the error raised when its capture fails.
     """
 
     def __init__(
@@ -48,8 +49,9 @@ class StepGraph(Generic[T]):
         device: torch.device,
         warmup: int = 3,
         before_capture: Callable[[], None] | None = None,
+        what: str = "the step",
     ) -> None:
-        self.fn, self.device, self.warmup, self.before_capture = fn, device, warmup, before_capture
+        self.fn, self.device, self.warmup, self.before_capture, self.what = fn, device, warmup, before_capture, what
         self.calls = 0
         self.graph: Any = None  # torch.cuda.CUDAGraph once captured
         self.output: T | None = None
@@ -76,8 +78,14 @@ class StepGraph(Generic[T]):
             # captured on the warm-up stream, whose cuBLAS handle and workspace the warm-up created (lazily creating
             # them on another stream mid-capture is what breaks captures; PyTorch's make_graphed_callables does the
             # same); it records the kernels, none of them runs yet
-            with torch.cuda.graph(graph, stream=self._side_stream()):
-                self.output = self.fn()
+            try:
+                with torch.cuda.graph(graph, stream=self._side_stream()):
+                    self.output = self.fn()
+            except Exception as err:  # no silent fallback: a failed capture may leave the allocator mid-capture
+                raise RuntimeError(
+                    f"model.cuda_graphs: capturing {self.what} as a CUDA graph failed ({type(err).__name__}: "
+                    f"{' '.join(str(err).split())}); run with model.cuda_graphs=false"
+                ) from err
         self.graph = graph
         graph.replay()
         return self.output

@@ -273,7 +273,11 @@ class DRIML(pl.LightningModule):
             return self._actor_greedy(obs.to(self.device, non_blocking=True)).cpu()
         if self._act_graph is None or self._act_input is None or self._act_input.shape != obs.shape:
             self._act_input = obs.to(self.device, copy=True)
-            self._act_graph = StepGraph(lambda: self._actor_greedy(self._act_input), self.device)  # type: ignore[arg-type]
+            self._act_graph = StepGraph(
+                lambda: self._actor_greedy(self._act_input),  # type: ignore[arg-type]
+                self.device,
+                what="the acting forward",
+            )
         else:
             self._act_input.copy_(obs, non_blocking=True)
         return self._act_graph().cpu()
@@ -402,7 +406,9 @@ class DRIML(pl.LightningModule):
         # the same static inputs on every device: on the CPU nothing is captured, but the tests then check this path
         if self._update_graph is None:
             self._update_inputs = [x.clone() for x in inputs]
-            self._update_graph = StepGraph(self._update_step, self.device, before_capture=adam.mark_capturable)
+            self._update_graph = StepGraph(
+                self._update_step, self.device, before_capture=adam.mark_capturable, what="the update"
+            )
         else:
             torch._foreach_copy_(self._update_inputs, inputs)
         adam.run_update = self._run_update_graph
