@@ -9,7 +9,7 @@ call also fills the replay up to ``learning_starts``). Each call of a compiled r
 as one operation, as its replay is one launch on a GPU (inductor's CPU code in between is not dispatched), and so
 does the backward of the compiled loss (one CUDA-graph replay under ``reduce-overhead``). So the counts are what a
 GPU host would dispatch, the same on every machine, but for the replay's uploads: on a GPU they go through pinned
-staging buffers, about 5 more operations per vector step than this CPU path. Not counted: Lightning's loop and the
+staging buffers, about 4 more operations per vector step than this CPU path. Not counted: Lightning's loop and the
 Python between operations.
 
 Usage: python benchmarks/host_ops.py

@@ -129,15 +129,16 @@ class FrameReplay:
         Host arrays are uploaded once, without waiting for the device (pinned staging, non-blocking copies).
         """
         slot = self.t % self.capacity
+        block = self._staging.block(actions, rewards, dones, slot)
         if self.compile_writes:
             if self._compiled_write is None:
                 self._compiled_write = torch.compile(self._write, dynamic=False, fullgraph=True)
-            self._compiled_write(self._staging.block(actions, rewards, dones, slot), self._staging.frames(next_frames))
+            self._compiled_write(block, self._staging.frames(next_frames))
             self.t += 1
             return
-        a, r, d = self._staging.columns(actions, rewards, dones)
-        self.actions[slot] = a
-        self.rewards[slot] = r
+        d = block[2] > 0.5
+        self.actions[slot] = block[0].to(torch.uint8)
+        self.rewards[slot] = block[1]
         self.dones[slot] = d
         self.t += 1
         slot = self.t % self.capacity
@@ -295,7 +296,6 @@ class _Staging:
         self.cuda = device.type == "cuda"
         shapes = {
             "frames": ((num_envs, *FRAME_SHAPE), torch.uint8),
-            "columns": ((3, num_envs), torch.float32),
             "block": ((4, num_envs), torch.float32),
         }
         self._buffers: dict[str, list[Tensor]] = {}
@@ -325,20 +325,9 @@ class _Staging:
         host = torch.as_tensor(frames)
         return self._upload("frames", host) if self.cuda else host.to(self.device)
 
-    def columns(self, actions: ArrayLike, rewards: ArrayLike, dones: ArrayLike) -> tuple[Tensor, Tensor, Tensor]:
-        """(action uint8, reward float32, done bool) per env, uploaded as one (3, N) float block."""
-        if not self.cuda:
-            return (
-                torch.as_tensor(np.asarray(actions)).to(torch.uint8),
-                torch.as_tensor(np.asarray(rewards, dtype=np.float32)),
-                torch.as_tensor(np.asarray(dones, dtype=bool)),
-            )
-        host = torch.from_numpy(np.stack([np.asarray(x, dtype=np.float32) for x in (actions, rewards, dones)]))
-        dev = self._upload("columns", host)
-        return dev[0].to(torch.uint8), dev[1], dev[2] > 0.5
-
     def block(self, actions: ArrayLike, rewards: ArrayLike, dones: ArrayLike, slot: int) -> Tensor:
-        """(action, reward, done, slot) per env as one (4, N) float32 block on the device, in one upload."""
+        """(action, reward, done, slot) per env as one (4, N) float32 block on the device, in one upload (the slot
+        row is read by the compiled write only)."""
         n = len(np.asarray(dones))
         rows = [np.asarray(x, dtype=np.float32) for x in (actions, rewards, dones)] + [np.full(n, slot, np.float32)]
         host = torch.from_numpy(np.stack(rows))
