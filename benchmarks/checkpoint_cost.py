@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from driml_pl.checkpoint import read_segments, write_segment
-from driml_pl.replay import FrameReplay
+from driml_pl.data.replay import FrameReplay
 
 ENVS = 32
 

@@ -20,9 +20,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from driml_pl.data.replay import FrameReplay
 from driml_pl.horizon import Horizon
-from driml_pl.module import DRIML
-from driml_pl.replay import FrameReplay
+from driml_pl.learner import DRIML
 
 
 def timed(name: str, fn: Callable[[], object], device: str, n: int = 200) -> None:
@@ -59,7 +59,7 @@ def main() -> None:
         return replay.gather(env, t, horizon.sample(gen, 256), check=False)
 
     model = DRIML().to(device)
-    model.sync_actor()
+    model.acting.refresh()
     print(f"\n{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, torch {torch.__version__}\n")
     print("| part | ms per call |\n|---|---|")
     timed("replay.add: one vector step of 32 frames", lambda: replay.add(actions, rewards, dones, frames), device)
@@ -72,11 +72,11 @@ def main() -> None:
     sample()  # compiles
     timed("sample + gather, compiled gather: minibatch of 256", sample, device)
     replay.compile_gather = False
-    timed("act_actor: 32 frames, with the device -> host copy", lambda: model.act_actor(replay.latest()), device)
+    timed("acting.act: 32 frames, with the device -> host copy", lambda: model.acting.act(replay.latest()), device)
     graphed = DRIML(cuda_graphs=True).to(device)  # the acting forward as a CUDA graph (op by op on the CPU)
-    graphed.sync_actor()
-    timed("act_actor, model.cuda_graphs: captured forward", lambda: graphed.act_actor(replay.latest()), device)
-    timed("sync_actor: the snapshot copy", model.sync_actor, device)
+    graphed.acting.refresh()
+    timed("acting.act, model.cuda_graphs: captured forward", lambda: graphed.acting.act(replay.latest()), device)
+    timed("acting.refresh: the snapshot copy", model.acting.refresh, device)
     zero = torch.zeros((), device=device)
     timed("100 tiny tensor additions (dispatch yardstick)", lambda: [zero + 1 for _ in range(100)], device, n=20)
     from procgen import ProcgenGym3Env

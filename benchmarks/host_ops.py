@@ -23,14 +23,14 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import driml_pl.graphs
 import pytorch_lightning as pl
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
-import driml_pl.graphs
 from driml_pl.data import DRIMLDataModule, ReplayStream
 from driml_pl.envs import EnvConfig
-from driml_pl.module import DRIML
+from driml_pl.learner import DRIML
 
 UPDATES = 140
 PER_STEP = 7  # data.updates_per_batch

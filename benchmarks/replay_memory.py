@@ -10,8 +10,8 @@ import json
 
 import numpy as np
 
+from driml_pl.data.replay import FrameReplay
 from driml_pl.envs import EnvConfig, ProcgenVecEnv
-from driml_pl.replay import FrameReplay
 
 
 def rss_bytes() -> int:

@@ -34,8 +34,10 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from driml_pl.data import DRIMLDataModule
 from driml_pl.envs import EnvConfig
-from driml_pl.graphs import StepAdam
-from driml_pl.module import DRIML
+from driml_pl.learner import DRIML
+from driml_pl.learner.actor import ActorSnapshot
+from driml_pl.learner.graphs import StepAdam
+from driml_pl.learner.update import CapturedUpdate
 from driml_pl.types import Batch, RolloutStats
 
 WARMUP = 10
@@ -75,24 +77,33 @@ class FixedBatch(IterableDataset):
             yield (self.batch,) * self.per_step
 
 
+class NullActor(ActorSnapshot):
+    """Greedy action 0, after waiting for the snapshot as the real actor does."""
+
+    def act(self, obs: Tensor) -> Tensor:
+        self._wait()
+        return torch.zeros(obs.shape[0], dtype=torch.int64, device=obs.device).cpu()
+
+
 class NullDRIML(DRIML):
     """No network work: a zero loss on one scalar parameter, greedy action 0. What remains is the host's work."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.null = torch.nn.Parameter(torch.zeros(()))
+        self.acting = NullActor(self, cuda_graphs=False)
 
-    def core_losses(self, obs: Tensor, action: Tensor, *args: Tensor) -> dict[str, Tensor]:
+    def core(self) -> Any:
+        return self._null_losses
+
+    def _null_losses(self, obs: Tensor, action: Tensor, *args: Tensor) -> dict[str, Tensor]:
         loss = self.null * 0.0
         return {"c51_loss": loss, "q_mean": loss.detach(), "loss": loss}
 
-    def act_actor(self, obs: Tensor) -> Tensor:
-        self._wait_actor()
-        return torch.zeros(obs.shape[0], dtype=torch.int64, device=obs.device).cpu()
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        self._clipped = [self.null]
-        self._update_graph = None
+        self.clipped = [self.null]
+        if isinstance(self.runner, CapturedUpdate):
+            self.runner = CapturedUpdate()
         return StepAdam([self.null], lr=1e-3)
 
 

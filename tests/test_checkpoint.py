@@ -7,7 +7,6 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,10 +14,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_args
+from support.faults import Faults, command
 from test_replay import scripted
 
 from driml_pl.checkpoint import CheckpointError, read_segments, write_segment
-from driml_pl.replay import FrameReplay
+from driml_pl.data.replay import FrameReplay
 
 # 8 envs, batch 16, ratio 2: one update per vector step after 64 warm-up env steps; 640 env steps -> 72 updates.
 # Checkpoints every 20 updates (20, 40, 60) and at the end; epochs of 12 updates do not line up with them.
@@ -31,9 +31,10 @@ EXTRA = {
 }
 
 
-def fit(run_dir: Path, *extra: str, env: dict[str, str] | None = None, check: bool = True, **overrides: str):
-    args = [sys.executable, "-m", "driml_pl", *tiny_args(run_dir, budget=BUDGET, **EXTRA, **overrides), *extra]
-    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+def fit(run_dir: Path, *extra: str, faults: Faults | None = None, check: bool = True, **overrides: str):
+    """A tiny fit through the CLI in a subprocess, with ``faults`` installed (`tests/support/faults.py`)."""
+    args = command(faults or Faults(), [*tiny_args(run_dir, budget=BUDGET, **EXTRA, **overrides), *extra])
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(args, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -76,7 +77,7 @@ def straight(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_sigkill_after_a_mid_run_checkpoint_resumes_to_the_same_weights_optimizer_and_metrics(straight, tmp_path):
     run = tmp_path / "run"
-    crash = fit(run, env={"DRIML_CRASH_AT": "after_commit", "DRIML_CRASH_AFTER": "2"}, check=False)
+    crash = fit(run, faults=Faults(crash_at="after_commit", crash_after=2), check=False)
     assert crash.returncode == -signal.SIGKILL  # a real kill, right after the second checkpoint (update 40)
     assert final_state(run)["global_step"] == 40
     fit(run, "--ckpt_path", "last")
@@ -88,7 +89,7 @@ def test_sigkill_after_a_mid_run_checkpoint_resumes_to_the_same_weights_optimize
 @pytest.mark.parametrize("moment", ["mid_flush", "before_commit"])
 def test_a_kill_inside_a_checkpoint_leaves_the_previous_one_resumable(straight, tmp_path, moment):
     run = tmp_path / "run"
-    crash = fit(run, env={"DRIML_CRASH_AT": moment, "DRIML_CRASH_AFTER": "2"}, check=False)
+    crash = fit(run, faults=Faults(crash_at=moment, crash_after=2), check=False)
     assert crash.returncode == -signal.SIGKILL
     assert final_state(run)["global_step"] == 20  # the second checkpoint never committed
     fit(run, "--ckpt_path", "last")
@@ -98,8 +99,8 @@ def test_a_kill_inside_a_checkpoint_leaves_the_previous_one_resumable(straight, 
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_143_then_resumes_exactly(straight, tmp_path):
     run = tmp_path / "run"
-    args = [sys.executable, "-m", "driml_pl", *tiny_args(run, budget=BUDGET, **EXTRA)]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DRIML_SLOW_UPDATES": "0.05"}
+    args = command(Faults(slow=0.05), tiny_args(run, budget=BUDGET, **EXTRA))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (run / "checkpoints" / "last.ckpt").exists() and time.monotonic() < deadline:
@@ -206,7 +207,7 @@ def _truncated(source: FrameReplay, t: int) -> FrameReplay:
 def test_without_the_replay_checkpoints_are_small_and_a_resume_refills_it_with_a_warning(tmp_path):
     run = tmp_path / "run"
     crash = fit(run, "--checkpoint.save_replay", "false",
-                env={"DRIML_CRASH_AT": "after_commit", "DRIML_CRASH_AFTER": "2"}, check=False)  # fmt: skip
+                faults=Faults(crash_at="after_commit", crash_after=2), check=False)  # fmt: skip
     assert crash.returncode == -signal.SIGKILL
     assert not (run / "checkpoints" / "replay").exists()  # no replay segments at all
     unit_bytes = sum(p.stat().st_size for p in (run / "checkpoints" / "units").rglob("*") if p.is_file())

@@ -12,7 +12,7 @@ from conftest import CONF
 
 from driml_pl.cli import DRIMLCLI, TRAINER_DEFAULTS, main
 from driml_pl.data import DRIMLDataModule
-from driml_pl.module import DRIML
+from driml_pl.learner import DRIML
 
 QUICKSTART = str(CONF / "quickstart.yaml")
 

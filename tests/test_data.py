@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from driml_pl.collect import EpsilonSchedule
 from driml_pl.data import DRIMLDataModule
+from driml_pl.data.collect import EpsilonSchedule
 from driml_pl.envs import EnvConfig
 from driml_pl.horizon import Horizon
 

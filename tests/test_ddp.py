@@ -24,8 +24,9 @@ from torch.nn.parallel import DistributedDataParallel
 from driml_pl.cli import main
 from driml_pl.data import DRIMLDataModule
 from driml_pl.envs import EnvConfig, ProcgenVecEnv, rank_seeds
+from driml_pl.learner import DRIML
+from driml_pl.learner.objective import core_losses
 from driml_pl.losses import infonce_loss
-from driml_pl.module import DRIML
 
 GLOBAL_BATCH = 8
 DDP_ARGS = {"--trainer.accelerator": "cpu", "--trainer.devices": 2, "--trainer.strategy": "ddp",
@@ -80,7 +81,7 @@ class _Losses(nn.Module):
         self.model = model
 
     def forward(self, *batch: Tensor) -> tuple[Tensor, ...]:
-        out = self.model.core_losses(*batch)
+        out = core_losses(self.model, *batch)
         return out["loss"], out["nce_ll"], out["nce_gl"], out["nce_gg"], out["c51_loss"]
 
 

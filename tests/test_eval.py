@@ -14,8 +14,8 @@ from conftest import tiny_args
 from PIL import Image
 
 from driml_pl.cli import DRIML, DRIMLCLI, TRAINER_DEFAULTS, DRIMLDataModule, main
+from driml_pl.data.evaluation import LevelSet, play_episodes
 from driml_pl.envs import EnvConfig
-from driml_pl.evaluate import LevelSet, play_episodes
 from driml_pl.plots import extract_series, plot_run, read_rows
 from driml_pl.video import count_frames, write_gif
 

@@ -1,7 +1,8 @@
 """Faults during a run (issue 6, parts 7 and 10): a NaN loss stops the run and leaves the last good checkpoint as it
 was; under DDP a rank that dies or hangs ends the whole job, non-zero, within a bounded time.
 
-The faults are injected through the module's test hooks (`DRIML_INJECT_*` environment variables, `_FaultInjection`).
+The faults are injected through named seams of the production code (`tests/support/faults.py`); the NaN test runs both
+update paths, op by op and captured (on the CPU the captured update runs op by op on its static inputs).
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT, tiny_args
+from support.faults import Faults, command, install
 
 from driml_pl.cli import main
-from driml_pl.module import DRIML, NO_FAULT, _DeviceMetrics, _FiniteLossGuard
+from driml_pl.learner import DRIML
+from driml_pl.learner.guard import FiniteLossGuard
+from driml_pl.learner.metrics import NO_FAULT, DeviceMetrics
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +33,13 @@ def digest(path: Path) -> str:
 
 
 def test_device_metrics_record_the_first_non_finite_term_without_reading_back():
-    metrics = _DeviceMetrics()
+    metrics = DeviceMetrics()
     k = torch.ones(4, dtype=torch.long)
 
     def add(update: int, **values: float) -> None:
         metrics.add({key: torch.tensor(v) for key, v in values.items()}, k, update)
 
-    def fault(m: _DeviceMetrics) -> tuple[int, str] | None:
+    def fault(m: DeviceMetrics) -> tuple[int, str] | None:
         m.flush()
         assert m.fault is not None
         return None if int(m.fault) == NO_FAULT else m.describe(int(m.fault))
@@ -51,11 +54,11 @@ def test_device_metrics_record_the_first_non_finite_term_without_reading_back():
     assert math.isnan(float(means["loss"])) and float(means["horizon/k_mean"]) == 1.0
     assert fault(metrics) == (302, "train/nce_gg=inf")
 
-    only_sum = _DeviceMetrics()
+    only_sum = DeviceMetrics()
     only_sum.add({"c51_loss": torch.tensor(1.0), "loss": torch.tensor(-math.inf)}, k, 7)
     assert fault(only_sum) == (7, "train/loss=-inf")
 
-    finite = _DeviceMetrics()
+    finite = DeviceMetrics()
     for update in range(1, 600):
         finite.add({"c51_loss": torch.tensor(float(update)), "loss": torch.tensor(2.0)}, k, update)
     assert float(finite.read_and_reset()["c51_loss"]) == 300.0  # the mean of 1..599, over three flushes
@@ -83,11 +86,14 @@ def assert_last_good_checkpoint(ckpt: Path, unit: Path, digests: tuple[str, str]
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
-def test_nan_loss_stops_the_run_naming_update_and_term_and_keeps_the_last_checkpoint(run_dir):
-    """Through the CLI in a subprocess: the resumed run meets a NaN C51 loss in update 30 (epoch 3 of 12 updates)."""
+@pytest.mark.parametrize("cuda_graphs", ["false", "true"])
+def test_nan_loss_stops_the_run_naming_update_and_term_and_keeps_the_last_checkpoint(run_dir, cuda_graphs):
+    """Through the CLI in a subprocess: the resumed run meets a NaN C51 loss in update 30 (epoch 3 of 12 updates),
+    in the op-by-op update and in the captured one (`model.cuda_graphs`, run op by op on its static inputs here)."""
     ckpt, unit, *digests = run_to_update_24(run_dir)
-    env = dict(os.environ, DRIML_INJECT_NAN_AT_UPDATE="30")
-    cmd = [sys.executable, "-m", "driml_pl", *tiny_args(run_dir, budget=512, **{"--ckpt_path": "last"})]
+    env = dict(os.environ)
+    extra = {"--ckpt_path": "last", "--model.cuda_graphs": cuda_graphs}
+    cmd = command(Faults(nan_at=30), tiny_args(run_dir, budget=512, **extra))
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 3, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -109,8 +115,8 @@ def test_checkpoint_guard_runs_before_anything_is_written(run_dir, monkeypatch, 
             real_check(self, all_ranks)
 
     monkeypatch.setattr(DRIML, "check_finite", check_only_for_checkpoints)
-    monkeypatch.setattr(_FiniteLossGuard, "on_train_end", lambda self, trainer, module: None)
-    monkeypatch.setenv("DRIML_INJECT_NAN_AT_UPDATE", "30")
+    monkeypatch.setattr(FiniteLossGuard, "on_train_end", lambda self, trainer, module: None)
+    install(Faults(nan_at=30), monkeypatch.setattr)
     with pytest.raises(SystemExit) as err:
         main(tiny_args(run_dir, budget=512, **{"--ckpt_path": "last", "--trainer.max_epochs": 3}))
     assert err.value.code == 3
@@ -120,13 +126,13 @@ def test_checkpoint_guard_runs_before_anything_is_written(run_dir, monkeypatch, 
     assert_last_good_checkpoint(ckpt, unit, (digests[0], digests[1]))
 
 
-def ddp_fit(run: Path, timeout: float, **env: str) -> tuple[subprocess.CompletedProcess[str], float]:
+def ddp_fit(run: Path, timeout: float, faults: Faults) -> tuple[subprocess.CompletedProcess[str], float]:
     """A 2-rank gloo DDP fit on the CPU through the CLI (Lightning starts rank 1 as a subprocess of this one)."""
     extra = {"--trainer.accelerator": "cpu", "--trainer.devices": 2, "--trainer.strategy": "ddp",
              "--trainer.enable_progress_bar": "false", "--ddp_timeout": timeout}  # fmt: skip
-    cmd = [sys.executable, "-m", "driml_pl", *tiny_args(run, budget=1024, **extra)]
+    cmd = command(faults, tiny_args(run, budget=1024, **extra))
     start = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, **env), timeout=240)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=dict(os.environ), timeout=240)
     return proc, time.monotonic() - start
 
 
@@ -134,8 +140,7 @@ def ddp_fit(run: Path, timeout: float, **env: str) -> tuple[subprocess.Completed
 def test_ddp_job_ends_nonzero_when_a_rank_dies_or_hangs(run_dir, mode):
     """Rank 1 fails in update 10: a RuntimeError ends the job at once (the collective on rank 0 sees the closed
     connection); a hung rank 1 ends it after --ddp_timeout (20 s here), and rank 0 kills it on the way out."""
-    proc, seconds = ddp_fit(run_dir, 20, DRIML_INJECT_FAIL_AT_UPDATE="10", DRIML_INJECT_FAIL_RANK="1",
-                            DRIML_INJECT_FAIL_MODE=mode)  # fmt: skip
+    proc, seconds = ddp_fit(run_dir, 20, Faults(fail_at=10, fail_rank=1, fail_mode=mode))
     assert proc.returncode != 0
     assert seconds < 90, seconds
     if mode == "raise":

@@ -13,8 +13,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from driml_pl.graphs import StepGraph
-from driml_pl.module import DRIML
+from driml_pl.learner import DRIML
+from driml_pl.learner.graphs import StepGraph
+from driml_pl.learner.update import CapturedUpdate, EagerUpdate
 from driml_pl.types import Batch, RolloutStats
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -85,8 +86,8 @@ def test_captured_update_matches_the_op_by_op_update(device, compile):
     graphed = _fit(device, True, compile, batches)
     reference = _fit(device, False, compile, batches)
     assert graphed.global_step == reference.global_step == 10
-    assert graphed._update_graph is not None and reference._update_graph is None
-    assert graphed._update_graph.captured == (device == "gpu")
+    assert isinstance(graphed.runner, CapturedUpdate) and isinstance(reference.runner, EagerUpdate)
+    assert graphed.runner.graph is not None and graphed.runner.graph.captured == (device == "gpu")
     tol = {"rtol": 0.0, "atol": 0.0} if device == "cpu" else {"rtol": 1e-4, "atol": 1e-5}
     for (name, a), b in zip(graphed.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, **tol, msg=name)
@@ -107,11 +108,11 @@ def test_captured_acting_follows_the_snapshot_the_learner_refreshes_on_a_gpu():
     for i in range(8):  # 3 eager warm-ups, then the capture and replays
         for p in model.online.parameters():
             p.add_(0.05 * torch.randn_like(p))
-        model.sync_actor()
+        model.acting.refresh()
         obs = torch.randint(0, 256, (16, 1, 64, 64, 3), dtype=torch.uint8, device="cuda")
-        greedy = model.act_actor(obs)
-        assert torch.equal(greedy, model._actor_greedy(obs).cpu()), i
-    assert model._act_graph is not None and model._act_graph.captured
+        greedy = model.acting.act(obs)
+        assert torch.equal(greedy, model.acting._greedy(obs).cpu()), i
+    assert model.acting._graph is not None and model.acting._graph.captured
 
 
 def test_a_checkpoint_of_a_captured_run_loads_without_its_capture_flag():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from driml_pl.cli import main
 from driml_pl.data import ReplayStream
-from driml_pl.module import DRIML, _DeviceMetrics
+from driml_pl.learner import DRIML
+from driml_pl.learner.metrics import DeviceMetrics
+from driml_pl.learner.objective import compile_core, core_losses
 from driml_pl.networks import Features, preprocess
 from driml_pl.types import Batch, RolloutStats
 
@@ -48,8 +51,8 @@ def test_compiled_loss_and_gradients_equal_eager_on_cpu():
         grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
         return {k: v.detach() for k, v in out.items()}, grads
 
-    eager, eager_grads = run(model.core_losses)
-    compiled, compiled_grads = run(torch.compile(model.core_losses))
+    eager, eager_grads = run(partial(core_losses, model))
+    compiled, compiled_grads = run(compile_core(model, "default"))
     assert set(eager) == set(compiled) == {"c51_loss", "nce_gg", "nce_ll", "q_mean", "loss"}
     for key in eager:
         torch.testing.assert_close(compiled[key], eager[key], rtol=1e-5, atol=1e-6)
@@ -82,7 +85,7 @@ def test_an_anchor_whose_effective_horizon_is_0_is_left_out_of_the_infonce_terms
 
 
 def test_device_metrics_are_means_over_the_updates_since_the_last_log():
-    metrics = _DeviceMetrics()
+    metrics = DeviceMetrics()
     metrics.add({"c51_loss": torch.tensor(1.0), "loss": torch.tensor(3.0)}, torch.tensor([1, 1, 2, 2]), 1)
     metrics.add({"c51_loss": torch.tensor(2.0), "loss": torch.tensor(5.0)}, torch.tensor([1, 2, 2, 15]), 2)
     out = metrics.read_and_reset()

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from driml_pl.critic import DIMCritic, pairwise_scores
+from driml_pl.learner import DRIML
 from driml_pl.losses import infonce_loss
-from driml_pl.module import DRIML
 from driml_pl.networks import NatureEncoder, preprocess
 from driml_pl.types import Batch, RolloutStats
 

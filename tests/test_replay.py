@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from driml_pl.replay import FrameReplay, ReplaySample
+from driml_pl.data.replay import FrameReplay, ReplaySample
 
 E, STEPS = 3, 90
 

@@ -1,16 +1,17 @@
 """driml_pl: DRIML (Mazoure et al., NeurIPS 2020) -- C51 plus an InfoNCE auxiliary loss -- on Procgen, in Lightning.
 
-Data flow::
+Data flow (docs/architecture.md has the rooms and seams)::
 
-    conf/*.yaml -> LightningCLI -> DRIMLDataModule + DRIML (LightningModule) + Trainer
+    conf/*.yaml -> LightningCLI (cli.py) -> DRIMLDataModule + DRIML (LightningModule) + Trainer + RunCheckpoint
 
-    ProcgenVecEnv --(epsilon-greedy on DRIML.act)--> Collector --> FrameReplay (uint8 ring per env)
-                                                                      |
-                          ReplayStream (IterableDataset, main process) | one vectorised sample per batch:
-                                                                      v  s_t, a_t, R^(n), gamma^n(1-d), s_{t+n}, s_{t+k}
-    DRIML.training_step: C51 cross-entropy(projected target from the target net)
-                         + sum_terms lambda * InfoNCE(critic(s_t, a_t), critic(s_{t+k}))
-    Lightning: backward, grad-norm clip, Adam step; DRIML syncs the target every `target_update_interval` updates.
+    ProcgenVecEnv --(epsilon-greedy on the actors' snapshot, ActorSnapshot.act)--> Collector --> FrameReplay
+                                                                                     (uint8 ring per env)
+    ReplayStream (IterableDataset, main process): env steps to hold the replay ratio, then one vectorised sample per
+        minibatch (s_t, a_t, R^(n), gamma^n(1-d), s_{t+n}, s_{t+k}, k); one StepBatch of minibatches per Lightning step
+    DRIML.training_step -> update (manual optimisation, learner/update.py), per minibatch:
+        C51 cross-entropy(projected target from the target net) + sum_terms lambda * InfoNCE(critic(s_t, a_t),
+        critic(s_{t+k})) [+ DRIML-ada's pair loss] -> backward -> global-norm clip -> Adam; the target is copied every
+        `target_update_interval` updates, the actors' snapshot once per Lightning step.
 """
 
 __version__ = "0.1.0"

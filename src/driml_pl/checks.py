@@ -19,8 +19,8 @@ import yaml
 
 from driml_pl.adaptive import CONTINUATION_MAPS
 from driml_pl.envs import DISTRIBUTION_MODES, GAMES
-from driml_pl.graphs import GRAPH_COMPILE_MODES, GRAPH_PRECISIONS
 from driml_pl.horizon import HORIZON_MODES
+from driml_pl.learner.graphs import GRAPH_COMPILE_MODES, GRAPH_PRECISIONS
 
 # The model feeds float32 frames and computes its losses in float32: the `*-true` half/double modes (which cast the
 # weights but not the inputs) fail with a dtype error inside conv2d, and transformer-engine needs fp8 hardware.

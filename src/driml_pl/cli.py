@@ -28,10 +28,12 @@ from pytorch_lightning.strategies.launchers.subprocess_script import _Subprocess
 from rich.console import Console
 
 from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
-from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable, checkpoint_meta
+from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
+from driml_pl.checkpoint.resume import checkpoint_dir, last_checkpoint_in, resume_path
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
-from driml_pl.module import DRIML, NonFiniteLossError
+from driml_pl.data.datamodule import resume_settings
+from driml_pl.learner import DRIML, NonFiniteLossError
 
 
 def _seed(seed_everything: bool | int) -> int:
@@ -100,18 +102,13 @@ class DRIMLCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
-        if ckpt_path == "last":
-            root = Path(str(config.trainer.get("default_root_dir") or "runs/driml"))
-            path = Path(str(root).format(game=config.data.env.game, seed=config.seed_everything)) / "checkpoints"
-            path = path / "last.ckpt"
-            if not path.exists():
-                return  # Lightning warns and starts afresh
-        else:
-            path = Path(ckpt_path)
+        root = str(config.trainer.get("default_root_dir") or "runs/driml")
+        path = resume_path(ckpt_path, root.format(game=config.data.env.game, seed=config.seed_everything))
+        if path is None:
+            return  # `last` without a checkpoint yet: Lightning warns and starts afresh
         data = config.data
-        check_resumable(
-            path, checkpoint_meta(data.env.game, data.env.num_envs, data.replay_size, data.frame_stack, None)
-        )
+        check_resumable(path, resume_settings(data.env.game, data.env.num_envs, data.replay_size, data.frame_stack,
+                                              None))  # fmt: skip
 
     def _known_keys(self, subcommand: str | None) -> list[str]:
         parsers = getattr(self, "_subcommand_parsers", {})
@@ -191,7 +188,7 @@ class DRIMLCLI(LightningCLI):
         given = (config.get("callbacks") or []) + callbacks
         if not any(isinstance(c, ModelCheckpoint) for c in given) and config.get("enable_checkpointing") is not False:
             checkpoint = self.config_init[self.subcommand].get("checkpoint") if self.subcommand else None
-            callbacks = [*callbacks, RunCheckpoint(root / "checkpoints", checkpoint or CheckpointConfig())]
+            callbacks = [*callbacks, RunCheckpoint(checkpoint_dir(root), checkpoint or CheckpointConfig())]
         if not any(isinstance(c, ProgressBar) for c in given) and config.get("enable_progress_bar") is not False:
             callbacks = [*callbacks, DRIMLProgressBar()]
         timeout = float(self._subconfig().get("ddp_timeout") or 600.0)
@@ -215,18 +212,13 @@ class DRIMLCLI(LightningCLI):
         self.datamodule.check_budget(self.trainer.world_size)
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path:
-            checkpoint = self.trainer.checkpoint_callback
-            if ckpt_path == "last" and isinstance(checkpoint, ModelCheckpoint) and checkpoint.dirpath:
-                path = Path(checkpoint.dirpath) / "last.ckpt"
-                if not path.exists():
-                    return  # Lightning warns and starts afresh
-            else:
-                path = Path(ckpt_path)
-            check_resumable(path, self.datamodule._checkpoint_meta(self.trainer.world_size))
+            path = resume_path(ckpt_path, self.trainer.default_root_dir)
+            if path is not None:
+                check_resumable(path, self.datamodule.resume_settings(self.trainer.world_size))
             return
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]
             dirpath = getattr(callback, "dirpath", None)
-            if isinstance(callback, ModelCheckpoint) and dirpath and (Path(dirpath) / "last.ckpt").exists():
+            if isinstance(callback, ModelCheckpoint) and dirpath and last_checkpoint_in(dirpath).exists():
                 raise ValueError(
                     f"{dirpath} already holds last.ckpt from an earlier run; resume it with --ckpt_path last "
                     "or pick another --trainer.default_root_dir"
@@ -240,7 +232,7 @@ class DRIMLCLI(LightningCLI):
 
     def _print_eval_table(self, prefix: str) -> None:
         if self.trainer.is_global_zero:
-            from driml_pl.evaluate import eval_table
+            from driml_pl.tools.eval_table import eval_table
 
             config = self._subconfig()
             table = eval_table(self.trainer.callback_metrics, prefix, config.as_dict(), config.get("ckpt_path"))
@@ -274,7 +266,9 @@ def quiet_warnings() -> None:
             import gym  # noqa: F401
 
 
-def main(args: list[str] | None = None) -> None:
+def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
+    """``python -m driml_pl ...``; ``model`` is the LightningModule class the CLI builds: a subclass of `DRIML` with
+    extra ``__init__`` arguments gets them as ``model.*`` config keys (docs/architecture.md)."""
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["report"]:
         from driml_pl.report import main as report_main
@@ -291,7 +285,7 @@ def main(args: list[str] | None = None) -> None:
     quiet_warnings()
     try:
         cli = DRIMLCLI(
-            DRIML,
+            model,
             DRIMLDataModule,
             trainer_defaults=TRAINER_DEFAULTS,
             seed_everything_default=0,

@@ -1,8 +1,8 @@
-"""Named batch types passed between the data stream and the LightningModule."""
+"""Named batch types passed between the data stream and the LightningModule, and the seams between the rooms."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -44,14 +44,37 @@ class Batch(NamedTuple):
     pair_valid: Tensor | None = None
 
 
-class ContinuationSource(Protocol):
-    """Returns the current (15, 15) matrix of NHG continuation probabilities (adaptive horizon), on the learner's
-    device."""
-
-    def __call__(self) -> Tensor: ...
+StepBatch = tuple[Batch, ...]  # what one Lightning step carries: its minibatches, in order (the stream yields it)
 
 
 class GreedyPolicy(Protocol):
     """Maps a batch of uint8 frame stacks (N, S, 64, 64, 3) on the replay's device to greedy actions (N,)."""
 
     def __call__(self, obs: Tensor) -> Tensor: ...
+
+
+class Actor(Protocol):
+    """What the data stream acts with: the learner's snapshot (`driml_pl.learner.actor.ActorSnapshot`).
+
+    ``refresh`` copies the learner's weights into the snapshot (the stream calls it once per Lightning step),
+    ``act`` maps frame stacks to greedy actions on the host, ``continuation`` is DRIML-ada's (15, 15) matrix of
+    continuation probabilities as of the last refresh, on the learner's device (``adaptive`` says whether it exists).
+    """
+
+    adaptive: bool
+
+    def refresh(self) -> None: ...
+
+    def act(self, obs: Tensor) -> Tensor: ...
+
+    def continuation(self) -> Tensor: ...
+
+
+@runtime_checkable
+class FiniteGuarded(Protocol):
+    """A module that knows whether a loss term went NaN or Inf (`driml_pl.learner.guard`); the checkpoint callback
+    asks it before writing a unit, and after an exception."""
+
+    def check_finite(self, all_ranks: bool = False) -> None: ...
+
+    def nonfinite_update(self) -> int | None: ...

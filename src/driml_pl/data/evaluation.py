@@ -12,16 +12,15 @@ the epsilon draws, no torch random numbers, and the policy is only read (no grad
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from rich.table import Table
 from torch.utils.data import IterableDataset
 
-from driml_pl.collect import refuse_worker
+from driml_pl.data.collect import refuse_worker
 from driml_pl.envs import FRAME_SHAPE, NUM_ACTIONS, EnvConfig, ProcgenVecEnv
 from driml_pl.types import GreedyPolicy
 
@@ -188,40 +187,33 @@ def rank_share(total: int, rank: int, world: int) -> int:
     return total // world + (1 if rank < total % world else 0)
 
 
-def level_range(start: int, count: int) -> str:
-    """``"0-499"`` for 500 levels from 0; ``"all"`` for the full distribution (``num_levels: 0``)."""
-    return f"{start}-{start + count - 1}" if count > 0 else "all"
+class EvalSchedule:
+    """When ``fit`` evaluates: at the first epoch end after every multiple of ``every`` global env steps, and once
+    more when the budget is spent; with ``video_every`` K > 0 a video is recorded at the first evaluation after every
+    K x ``every`` env steps and at the end.
 
+    Lightning checks validation at every epoch end and at the budget's last update; `due` answers each check.
+    """
 
-def eval_table(metrics: Mapping[str, Any], prefix: str, config: Mapping[str, Any], ckpt: str | None = None) -> Table:
-    """A Rich table of one evaluation: training vs held-out levels, mean +- std (np.std, ddof 0), episodes, capped
-    episodes, and the paper's number (spec §7.1, training levels after 50M env steps) for the game and method."""
-    from driml_pl.report import PAPER_TABLE, classify
+    def __init__(self, every: int, video_every: int, video_frames: int) -> None:
+        self.every, self.video_every = every, video_every
+        self.record = video_frames if video_every > 0 else 0  # frames per video, 0: none
+        self.marks: tuple[int, int, int] | None = None  # env steps at the last eval, last video, last final eval
 
-    data = config.get("data", {})
-    env = data.get("env", {})
-    game = str(env.get("game", "?"))
-    try:
-        method = classify(config)
-    except ValueError:
-        method = "?"
-    paper = PAPER_TABLE.get(game, {}).get(method)
-    start, count = int(env.get("start_level", 0)), int(env.get("num_levels", 0))
-    held = int(data.get("eval_test_levels", 0))
-    ranges = {
-        "train_levels": ("training levels", level_range(start, count)),
-        "test_levels": ("held-out levels", level_range(start + count, held) if held > 0 else "all"),
-    }
-    table = Table(title=f"{game}, {method}: {ckpt or 'current weights'}")
-    for column in ("levels", "level seeds", "episodes", "capped", "return (mean +- std)", "paper (50M steps)"):
-        table.add_column(column, justify="left" if column.startswith("level") else "right")
-    for name, (label, seeds) in ranges.items():
-        key = f"{prefix}/{name}"
-        if f"{key}_episodes" not in metrics:
-            continue
-        mean, std = metrics.get(f"{key}_return"), metrics.get(f"{key}_return_std")
-        shown = f"{float(mean):.2f} +- {float(std):.2f}" if mean is not None and std is not None else "-"
-        reference = f"{paper[0]:.2f} +- {paper[1]:.2f}" if paper and name == "train_levels" else "-"
-        episodes, capped = int(metrics[f"{key}_episodes"]), int(metrics[f"{key}_capped"])
-        table.add_row(label, seeds, str(episodes), str(capped), shown, reference)
-    return table
+    def start(self, steps: int) -> None:
+        """Count from ``steps`` global env steps (the start of this fit, or the resumed run's env steps)."""
+        self.marks = (steps, steps, -1)
+
+    def due(self, steps: int, final: bool) -> tuple[bool, int, int]:
+        """(play, frames to record, ``steps``) at ``steps`` global env steps; ``final`` when the budget is spent."""
+        if self.every <= 0 or self.marks is None:
+            return False, 0, steps
+        last_eval, last_video, last_final = self.marks
+        every = self.every
+        due = steps // every > last_eval // every or (final and steps != last_final and steps != last_eval)
+        if not due:
+            return False, 0, steps
+        period = every * max(1, self.video_every)
+        video = self.video_every > 0 and (steps // period > last_video // period or final)
+        self.marks = (steps, steps if video else last_video, steps if final else last_final)
+        return True, self.record if video else 0, steps

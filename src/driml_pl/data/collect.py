@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import get_worker_info
 
+from driml_pl.data.replay import FrameReplay
 from driml_pl.envs import NUM_ACTIONS, ProcgenVecEnv
-from driml_pl.replay import FrameReplay
 from driml_pl.types import GreedyPolicy
 
 

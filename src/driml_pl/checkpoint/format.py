@@ -1,5 +1,6 @@
-"""The run's checkpoint unit: Lightning's ``last.ckpt`` plus every rank's stream state and replay, written so that a
-crash at any moment leaves the previous complete checkpoint resumable and untouched.
+"""The checkpoint unit on disk: Lightning's ``last.ckpt`` plus every rank's stream state and replay, written so that
+a crash at any moment leaves the previous complete checkpoint resumable and untouched. This file is the format (what
+is written where, CRC'd ``.npy``/JSON primitives, one rank's half); `driml_pl.checkpoint.callback` decides when.
 
 Layout under ``<run>/checkpoints/``::
 
@@ -28,23 +29,17 @@ import io
 import json
 import os
 import shutil
-import signal
 import sys
-import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.utilities import rank_zero_warn
 
 if TYPE_CHECKING:
-    from driml_pl.data import ReplayStream
-    from driml_pl.replay import FrameReplay
+    from driml_pl.data.replay import FrameReplay
+    from driml_pl.data.stream import ReplayStream
 
 FORMAT = 1
 CHUNK = 16 << 20  # bytes per read/write call (also the most a resume holds beyond the replay)
@@ -56,36 +51,8 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed; the message names the file or the config key."""
 
 
-@dataclass
-class CheckpointConfig:
-    """When the run's checkpoint unit is written (besides the end of the budget).
-
-    Args:
-        every_n_updates: every time the update count crosses a multiple of this (0: off).
-        every_minutes: also every this many minutes of wall time (0: off).
-        save_replay: write the replay (incrementally). Off: small checkpoints, and a resume refills the replay with
-            ``data.learning_starts`` env steps of the restored policy first (approximate; a warning says so).
-        on_signal: on SIGTERM (checkpoint, then stop with exit code 143) and SIGUSR1 (checkpoint, go on), e.g.
-            pre-emption notices.
-        on_exception: when the run dies of an exception outside a training step (an exception inside a step, or a
-            non-finite loss, leaves the last good checkpoint as it is).
-    """
-
-    every_n_updates: int = 10_000
-    every_minutes: float = 0.0
-    save_replay: bool = True
-    on_signal: bool = True
-    on_exception: bool = True
-
-    def __post_init__(self) -> None:
-        if self.every_n_updates < 0:
-            raise ValueError(f"checkpoint.every_n_updates={self.every_n_updates} is not allowed: must be >= 0")
-        if self.every_minutes < 0:
-            raise ValueError(f"checkpoint.every_minutes={self.every_minutes} is not allowed: must be >= 0")
-
-
 # ----------------------------------------------------------------------------------------------- file helpers
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -100,7 +67,7 @@ def _npy_header(shape: tuple[int, ...], dtype: torch.dtype) -> bytes:
     return buffer.getvalue()
 
 
-def _write_npy(path: Path, array: np.ndarray | torch.Tensor) -> int:
+def write_npy(path: Path, array: np.ndarray | torch.Tensor) -> int:
     """Write one array as .npy from host or device memory in chunks (no full host copy); returns the file's CRC32."""
     tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(array))
     tensor = tensor.contiguous()
@@ -114,7 +81,6 @@ def _write_npy(path: Path, array: np.ndarray | torch.Tensor) -> int:
             data = memoryview(flat[start : start + step].cpu().numpy()).cast("B")  # type: ignore[arg-type]
             crc = zlib.crc32(data, crc)
             f.write(data)
-            _inject_crash("mid_flush")
         f.flush()
         os.fsync(f.fileno())
     return crc
@@ -185,19 +151,7 @@ def _load_small_npy(path: Path, crc: int) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------- replay
-def checkpoint_meta(game: str, num_envs: int, replay_size: int, frame_stack: int, world_size: int | None) -> dict:
-    """Settings a resume must share with the checkpoint, under their config keys (named in errors); a None value
-    (the world size before the trainer exists) is not compared."""
-    return {
-        "data.env.game": game,
-        "data.env.num_envs": num_envs,
-        "data.replay_size": replay_size,
-        "data.frame_stack": frame_stack,
-        "world_size": world_size,
-    }
-
-
-def _check_meta(saved: dict[str, Any], meta: dict[str, Any]) -> None:
+def check_meta(saved: dict[str, Any], meta: dict[str, Any]) -> None:
     for key, value in saved.items():
         if meta.get(key) is not None and meta[key] != value:
             raise CheckpointError(
@@ -205,7 +159,7 @@ def _check_meta(saved: dict[str, Any], meta: dict[str, Any]) -> None:
             )
 
 
-def _read_state(path: Path) -> dict[str, Any]:
+def read_state(path: Path) -> dict[str, Any]:
     """A rank's ``state.json``, checked against its ``state.crc``."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} is missing (the checkpoint unit is incomplete)")
@@ -249,12 +203,12 @@ def write_segment(replay: FrameReplay, root: Path, first: int, last: int) -> dic
             part = data[lo % cap : hi % cap + 1]
         else:  # wraps around the ring
             part = torch.cat([data[lo % cap :], data[: hi % cap + 1]])
-        crcs[column] = _write_npy(tmp / f"{column}.npy", part)
-    _fsync_dir(tmp)
+        crcs[column] = write_npy(tmp / f"{column}.npy", part)
+    fsync_dir(tmp)
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     return {"name": name, "first": first, "last": last, "crc": crcs}
 
 
@@ -335,9 +289,9 @@ class StreamCheckpointer:
         lengths = np.array([len(b) for b in env_states], dtype=np.int64)
         blob = np.frombuffer(bytearray(b"".join(env_states)), dtype=np.uint8)
         crc = {
-            "generator.npy": _write_npy(tmp / "generator.npy", generator),
-            "env_state.npy": _write_npy(tmp / "env_state.npy", blob),
-            "env_state_lengths.npy": _write_npy(tmp / "env_state_lengths.npy", lengths),
+            "generator.npy": write_npy(tmp / "generator.npy", generator),
+            "env_state.npy": write_npy(tmp / "env_state.npy", blob),
+            "env_state_lengths.npy": write_npy(tmp / "env_state_lengths.npy", lengths),
         }
         document = {
             "format": FORMAT,
@@ -360,18 +314,18 @@ class StreamCheckpointer:
         for name in ("state.json", "state.crc"):
             with (tmp / name).open("rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
 
     def read(self, stream: ReplayStream, unit: str, step: int, meta: dict[str, Any]) -> None:
         directory = self.unit_dir(unit)
         path = directory / "state.json"
-        document = _read_state(path)
+        document = read_state(path)
         if document.get("format") != FORMAT or document.get("global_step") != step:
             raise CheckpointError(f"checkpoint file {path} does not belong to the checkpoint of update {step}")
-        _check_meta(document["meta"], meta)
+        check_meta(document["meta"], meta)
         replay_doc = document["replay"]
         replay = stream.collector.replay
         crc = document["crc"]
@@ -428,7 +382,7 @@ _COLUMN_LAYOUT: dict[str, tuple[tuple[int, ...], torch.dtype]] = {
 }
 
 
-def _check_segment_sizes(root: Path, replay: dict[str, Any]) -> None:
+def check_segment_sizes(root: Path, replay: dict[str, Any]) -> None:
     """Every segment file a unit references exists with the size its shape implies (cheap: no reading)."""
     if not replay.get("saved"):
         return
@@ -445,173 +399,9 @@ def _check_segment_sizes(root: Path, replay: dict[str, Any]) -> None:
                 raise CheckpointError(f"checkpoint file {path} is truncated or has trailing bytes")
 
 
-def check_resumable(ckpt_path: Path, meta: dict[str, Any]) -> None:
-    """Before anything is written: ``ckpt_path`` loads without unpickling code, names a complete unit, and that unit
-    was written with the same settings (``meta``: config key -> value). Raises `CheckpointError` naming the file or
-    the key. The replay segments' CRCs are checked while they are read."""
-    if not ckpt_path.is_file():
-        raise CheckpointError(f"checkpoint file {ckpt_path} is missing")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any failure to load is reported the same way
-        pickled = "weights_only" in str(err)
-        reason = "it holds pickled objects, which are not loaded" if pickled else "truncated or corrupt"
-        raise CheckpointError(f"checkpoint file {ckpt_path} cannot be loaded: {reason}") from None
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise CheckpointError(f"checkpoint file {ckpt_path} is not a driml_pl checkpoint")
-    state = checkpoint.get("DRIMLDataModule") or {}
-    unit, world = state.get("unit"), state.get("world_size")
-    if not unit:
-        raise CheckpointError(f"checkpoint file {ckpt_path} has no stream state (written by an older driml_pl)")
-    if meta.get("world_size") is not None and world != meta["world_size"]:
-        raise CheckpointError(
-            f"trainer.devices x num_nodes={meta.get('world_size')} does not fit the checkpoint {ckpt_path}, written "
-            f"with {world} ranks"
-        )
-    for rank in range(int(world or 0)):
-        document = _read_state(ckpt_path.parent / "units" / unit / f"rank{rank}" / "state.json")
-        _check_segment_sizes(ckpt_path.parent / "replay" / f"rank{rank}", document["replay"])
-        _check_meta({k: v for k, v in document["meta"].items() if k != "world_size"}, meta)  # compared above
-
-
-# ------------------------------------------------------------------------------------------------ callback
-class RunCheckpoint(ModelCheckpoint):
-    """Writes the checkpoint unit on the configured cadence, on signals, on exceptions and at the end of the budget.
-
-    It is a `ModelCheckpoint` so that Lightning's ``--ckpt_path last`` finds ``<dirpath>/last.ckpt``; Lightning's own
-    saving logic is not used.
-    """
-
-    def __init__(self, dirpath: str | Path, config: CheckpointConfig | None = None) -> None:
-        super().__init__(dirpath=dirpath, save_last=False, save_top_k=0, every_n_epochs=0)
-        self.config = config or CheckpointConfig()
-        self._last_time = time.monotonic()
-        self._last_updates = 0
-        self._signal: int | None = None
-        self._previous_handlers: dict[int, Any] = {}
-        self._in_step = False
-        self._sequence = 0
-        self._pending_unit: str | None = None  # written, not yet committed
-        self.terminated = False  # set after a SIGTERM checkpoint: the CLI exits with 143
-        self._slow = float(os.environ.get("DRIML_SLOW_UPDATES", "0"))  # test hook: seconds of sleep per step
-
-    # signals -------------------------------------------------------------------------------------------
-    def _handler(self, signum: int, frame: Any) -> None:
-        self._signal = signum
-
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_time = time.monotonic()
-        self._last_updates = trainer.global_step
-        if self.config.on_signal:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
-                with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                    self._previous_handlers[sig] = signal.signal(sig, self._handler)
-
-    def _restore_handlers(self) -> None:
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers.clear()
-
-    # cadence -------------------------------------------------------------------------------------------
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self.commit_unit(trainer)  # the unit written at the end of the previous step, now that its logs are out
-        self._in_step = True
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
-        self._in_step = False
-        if self._slow:
-            time.sleep(self._slow)
-        cfg, updates = self.config, trainer.global_step
-        due = cfg.every_n_updates > 0 and updates // cfg.every_n_updates > self._last_updates // cfg.every_n_updates
-        due |= cfg.every_minutes > 0 and time.monotonic() - self._last_time >= 60 * cfg.every_minutes
-        sig, self._signal = self._signal, None
-        if sig == signal.SIGTERM:
-            self.terminated = True
-            trainer.should_stop = True
-        if sig is not None or (due and not trainer.should_stop):  # at the budget's end, on_train_end writes it
-            self.write_unit(trainer)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass
-
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        pass
-
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_handlers()
-        self.commit_unit(trainer)
-        if trainer.global_step > 0 and self._last_updates != trainer.global_step:
-            self.write_unit(trainer)  # the end of the budget (or of max_steps)
-            self.commit_unit(trainer)
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._restore_handlers()
-        try:
-            self.commit_unit(trainer)  # a unit written before the failure is complete
-            if not self.config.on_exception or self._in_step or trainer.global_step == self._last_updates:
-                return  # inside a step the state is half-updated: the last good checkpoint stays
-            if getattr(pl_module, "nonfinite_update", lambda: None)() is not None:
-                return
-            self.write_unit(trainer)
-            self.commit_unit(trainer)
-        except Exception as err:  # the original exception matters more
-            rank_zero_warn(f"could not write a checkpoint after the exception: {err}")
-
-    # the unit ------------------------------------------------------------------------------------------
-    def _directory(self, trainer: pl.Trainer) -> Path:
-        return Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
-
-    def write_unit(self, trainer: pl.Trainer) -> None:
-        """Write every rank's half and ``last.ckpt.tmp`` for the state after this step (called on every rank).
-        The commit follows at the start of the next step (or at the end of the run), once this step's metrics
-        have reached the loggers, so that a resumed run's logs have no gap."""
-        check = getattr(trainer.lightning_module, "check_finite", None)
-        if check is not None:
-            check(all_ranks=True)  # NaN weights are never checkpointed: nothing of the unit is written then
-        datamodule = getattr(trainer, "datamodule", None)
-        directory = self._directory(trainer)
-        directory.mkdir(parents=True, exist_ok=True)
-        global _UNITS
-        _UNITS += 1
-        self._sequence += 1
-        unit = f"u{trainer.global_step:012d}-{self._sequence:04d}-{int(time.time())}"
-        writer = getattr(datamodule, "write_checkpoint_half", None)
-        if writer is not None:
-            writer(directory, unit)
-        trainer.strategy.barrier("driml_pl.checkpoint.halves")
-        trainer.save_checkpoint(directory / "last.ckpt.tmp", weights_only=False)  # every rank dumps; rank 0 writes
-        self._pending_unit = unit
-        self._last_time = time.monotonic()
-        self._last_updates = trainer.global_step
-
-    def commit_unit(self, trainer: pl.Trainer) -> None:
-        """Make the written unit the one ``--ckpt_path last`` resumes (rank 0 renames), then prune older ones."""
-        unit, self._pending_unit = self._pending_unit, None
-        if unit is None:
-            return
-        directory = self._directory(trainer)
-        for logger in trainer.loggers:
-            logger.save()  # every metric logged up to this step is on disk before the commit
-        if trainer.is_global_zero:
-            _inject_crash("before_commit")
-            tmp = directory / "last.ckpt.tmp"
-            with tmp.open("rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, directory / "last.ckpt")
-            _fsync_dir(directory)
-        trainer.strategy.barrier("driml_pl.checkpoint.commit")
-        _inject_crash("after_commit")
-        pruner = getattr(getattr(trainer, "datamodule", None), "prune_checkpoint_halves", None)
-        if pruner is not None:
-            pruner(unit)
-        self.last_model_path = str(directory / "last.ckpt")
-
-
-_UNITS = 0  # checkpoint units started by this process (for the test hook)
-
-
-def _inject_crash(moment: str) -> None:
-    """Test hook: ``DRIML_CRASH_AT=<moment>`` SIGKILLs the process at that point (``mid_flush``, ``before_commit``,
-    ``after_commit``) of its ``DRIML_CRASH_AFTER``-th (default first) checkpoint unit."""
-    if os.environ.get("DRIML_CRASH_AT") == moment and int(os.environ.get("DRIML_CRASH_AFTER", "1")) == _UNITS:
-        os.kill(os.getpid(), signal.SIGKILL)
+def commit_file(tmp: Path, final: Path) -> None:
+    """The commit of a unit: ``tmp`` (complete, flushed) atomically replaces ``final``; the rename is made durable."""
+    with tmp.open("rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
