@@ -44,8 +44,8 @@ def test_fit_honours_budget_logs_finite_losses_and_writes_checkpoint(run_dir):
     assert {"rollout/epsilon", "perf/env_steps_per_s", "perf/updates_per_s", "rollout/episode_return"} <= set(rows[0])
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] == expected_updates(512) == 56
-    assert ckpt["DRIMLDataModule"]["updates"] == 56
-    unit = ckpt["DRIMLDataModule"]["unit"]  # the checkpoint unit: per-rank state and replay segments
+    assert ckpt["driml_unit"]["updates"] == 56
+    unit = ckpt["driml_unit"]["unit"]  # the checkpoint unit: per-rank state and replay segments
     assert (run_dir / "checkpoints" / "units" / unit / "rank0" / "state.json").is_file()
     assert any((run_dir / "checkpoints" / "replay" / "rank0").iterdir())
     config = yaml.safe_load((run_dir / "logs" / "version_0" / "config.yaml").read_text())
