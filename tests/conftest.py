@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,25 @@ CONF = ROOT / "conf"
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
 
 
-def tiny_args(run_dir: Path, budget: int = 512, config: Path = CONF / "quickstart.yaml", **extra: object) -> list[str]:
-    """Overrides that turn a config (default conf/quickstart.yaml) into a run of seconds on real Procgen."""
+def paper(method: str) -> list[Path]:
+    """The paper configs of ``method``: the shared protocol, then what the method changes."""
+    return [CONF / "paper" / "protocol.yaml", CONF / "paper" / f"{method}.yaml"]
+
+
+def config_args(config: Path) -> list[str]:
+    """``--config`` for a shipped config; a paper method file comes after the protocol it changes."""
+    paper_method = config.parent.name == "paper" and config.name != "protocol.yaml"
+    files = [config.parent / "protocol.yaml", config] if paper_method else [config]
+    return [x for f in files for x in ("--config", str(f))]
+
+
+def tiny_args(
+    run_dir: Path, budget: int = 512, config: Path | Sequence[Path] = CONF / "quickstart.yaml", **extra: object
+) -> list[str]:
+    """Overrides that turn a config (default conf/quickstart.yaml; several are merged left to right) into a run of
+    seconds on real Procgen."""
+    configs = [config] if isinstance(config, Path) else list(config)
     args = {
-        "--config": str(config),
         "--trainer.default_root_dir": str(run_dir),
         "--trainer.enable_model_summary": "false",
         "--trainer.log_every_n_steps": "1",
@@ -34,7 +50,7 @@ def tiny_args(run_dir: Path, budget: int = 512, config: Path = CONF / "quickstar
         "--model.rkhs_dim": "32",
     }
     args.update({k: str(v) for k, v in extra.items()})
-    return ["fit"] + [x for kv in args.items() for x in kv]
+    return ["fit"] + [x for c in configs for x in ("--config", str(c))] + [x for kv in args.items() for x in kv]
 
 
 @pytest.fixture

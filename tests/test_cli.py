@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CONF, ROOT, tiny_args
+from conftest import CONF, ROOT, config_args, paper, tiny_args
 
 from driml_pl.cli import main
 
@@ -107,7 +107,7 @@ def test_bad_input_gives_one_line_error_nonzero_exit_and_no_output(tmp_path, ove
 @pytest.mark.parametrize("config", sorted(CONF.rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_parses(config):
     proc = subprocess.run(
-        [sys.executable, "-m", "driml_pl", "fit", "--config", str(config), "--print_config"],
+        [sys.executable, "-m", "driml_pl", "fit", *config_args(config), "--print_config"],
         capture_output=True, text=True, cwd=ROOT, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -153,7 +153,7 @@ def test_every_paper_variant_runs_end_to_end_and_is_classified(tmp_path, variant
     root = tmp_path / "{game}" / "seed{seed}"
     seed = 2 if variant == "ada" else 0  # DRIML-ada's A and negative shuffles follow the run's seed
     overrides = {"--data.env.game": "coinrun", "--seed_everything": seed}
-    main(tiny_args(root, budget=256, config=CONF / "paper" / f"{variant}.yaml", **overrides))
+    main(tiny_args(root, budget=256, config=paper(variant), **overrides))
     run = tmp_path / "coinrun" / f"seed{seed}"  # the templated run directory
     rows = read_metrics(run)
     assert last_value(rows, "rollout/env_steps") == 256
@@ -189,3 +189,27 @@ def test_bf16_mixed_precision_with_every_term_gives_finite_losses(run_dir):
     for key in ("train/c51_loss", "train/nce_ll", "train/nce_lg", "train/nce_gl", "train/nce_gg"):
         assert math.isfinite(last_value(rows, key)), key
     assert last_value(rows, "rollout/env_steps") == 256
+
+
+PAPER_DIFFERENCES = {  # what each method changes in conf/paper/protocol.yaml, besides its run directory
+    "randk": {},
+    "c51": {"model": {"lambda_gg": 0.0}},
+    "fix": {"data": {"horizon": {"mode": "fixed", "k": 1}}},
+    "noact": {"model": {"rkhs_dim": 128, "action_conditioned": False}},
+    "ada": {"model": {"pair_hidden": 64, "horizon_decay": 0.9, "continuation_map": "sigmoid", "continuation_eps": 0.05},
+            "data": {"horizon": {"mode": "adaptive", "k": 13}}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", sorted(PAPER_DIFFERENCES))
+def test_each_paper_method_file_states_only_its_difference_from_the_protocol(method):
+    protocol = yaml.safe_load((CONF / "paper" / "protocol.yaml").read_text())
+    own = yaml.safe_load((CONF / "paper" / f"{method}.yaml").read_text())
+    assert own.pop("trainer") == {"default_root_dir": f"runs/paper/{method}/{{game}}/seed{{seed}}"}
+    for section, values in own.items():  # a key the file repeats with the protocol's value is no difference
+        own[section] = {k: v for k, v in values.items() if protocol[section].get(k) != v}
+    assert {s: v for s, v in own.items() if v} == PAPER_DIFFERENCES[method]
+    assert protocol["model"]["lambda_gg"] == 1.0 and protocol["data"]["horizon"] == {"mode": "random", "k": 2}
+    bigfish = yaml.safe_load((CONF / "bigfish.yaml").read_text())  # the README's one self-contained file
+    for section in ("model", "data", "checkpoint"):
+        assert {k: v for k, v in bigfish[section].items() if k != "cuda_graphs"} == protocol[section], section

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF
+from conftest import CONF, config_args
 
 from driml_pl.cli import DRIMLCLI, TRAINER_DEFAULTS, main
 from driml_pl.data import DRIMLDataModule
@@ -171,6 +171,6 @@ class _CheckOnly(DRIMLCLI):
 @pytest.mark.parametrize("config", sorted(CONF.rglob("*.yaml")), ids=lambda p: str(p.relative_to(CONF)))
 def test_every_shipped_config_passes_the_checks(tmp_path, config):
     with pytest.raises(_Checked):
-        args = ["fit", "--config", str(config)]
+        args = ["fit", *config_args(config)]
         _CheckOnly(DRIML, DRIMLDataModule, trainer_defaults=TRAINER_DEFAULTS, seed_everything_default=0, args=args)
     assert list(tmp_path.iterdir()) == []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONF, tiny_args
+from conftest import paper, tiny_args
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from driml_pl.cli import main
@@ -140,7 +140,7 @@ def test_the_hot_loop_has_no_host_device_sync(run_dir, monkeypatch, cuda_graphs)
                 return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(owner, name, probed)
-    main(tiny_args(run_dir, budget=256, config=CONF / "paper" / "ada.yaml",
+    main(tiny_args(run_dir, budget=256, config=paper("ada"),
                    **{"--model.compile": "false", "--model.cuda_graphs": cuda_graphs}))  # fmt: skip
     assert probe.ops > 1000  # the probe saw the hot loop
     assert probe.seen == []
@@ -171,7 +171,7 @@ def test_compiled_sampling_trains_exactly_like_the_eager_sampling(tmp_path):
     weights = []
     for name, flag in (("eager", "false"), ("compiled", "true")):
         run = tmp_path / name
-        main(tiny_args(run, budget=256, config=CONF / "paper" / "ada.yaml",
+        main(tiny_args(run, budget=256, config=paper("ada"),
                        **{"--model.compile": "false", "--data.compile_sampling": flag}))  # fmt: skip
         ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         weights.append(ckpt["state_dict"])
@@ -187,7 +187,7 @@ def test_the_captured_update_trains_exactly_like_the_op_by_op_update(tmp_path):
     ckpts = []
     for flag in ("false", "true"):
         run = tmp_path / flag
-        main(tiny_args(run, budget=256, config=CONF / "paper" / "ada.yaml",
+        main(tiny_args(run, budget=256, config=paper("ada"),
                        **{"--model.compile": "false", "--model.cuda_graphs": flag}))  # fmt: skip
         ckpts.append(torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True))
     a, b = ckpts

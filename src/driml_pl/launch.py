@@ -51,6 +51,7 @@ class GridRun:
     run_dir: str
     overrides: tuple[str, ...] = ()
     budget: int | None = None  # data.total_env_steps this grid asks for
+    protocol: str | None = None  # the shared protocol the method file changes (conf/paper/protocol.yaml), if any
 
     @property
     def name(self) -> str:
@@ -68,22 +69,25 @@ class GridRun:
         return "resume" if (path / "checkpoints" / "last.ckpt").is_file() else "fresh"
 
     def command(self, python: str, resume: bool) -> list[str]:
-        cmd = [python, "-m", "driml_pl", "fit", "--config", self.config, "--data.env.game", self.game,
+        first = ["--config", self.protocol] if self.protocol else []
+        cmd = [python, "-m", "driml_pl", "fit", *first, "--config", self.config, "--data.env.game", self.game,
                "--seed_everything", str(self.seed), "--trainer.default_root_dir", self.run_dir,
                *self.overrides]  # fmt: skip
         return cmd + ["--ckpt_path", "last"] if resume else cmd
 
 
-def _budget(config: Path, overrides: Sequence[str]) -> int | None:
-    """``data.total_env_steps`` as the runs will see it: the last override of it, else the config's value."""
+def _budget(configs: Sequence[Path], overrides: Sequence[str]) -> int | None:
+    """``data.total_env_steps`` as the runs will see it: the last override of it, else the last config's value."""
     value: Any = None
     for i, arg in enumerate(overrides):
         if arg == "--data.total_env_steps" and i + 1 < len(overrides):
             value = overrides[i + 1]
         elif arg.startswith("--data.total_env_steps="):
             value = arg.split("=", 1)[1]
-    if value is None:
-        value = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("total_env_steps")
+    if value is None:  # the configs merge left to right: the last one that sets it
+        for config in configs:
+            found = ((yaml.safe_load(config.read_text()) or {}).get("data") or {}).get("total_env_steps")
+            value = found if found is not None else value
     return None if value is None else int(value)
 
 
@@ -100,13 +104,16 @@ def plan_grid(
         config = (conf_dir / f"{method}.yaml").resolve()
         if not config.is_file():
             raise ValueError(f"method {method!r} has no config {config}")
-        budget = _budget(config, overrides)
+        protocol = (conf_dir / "protocol.yaml").resolve()  # method files state their difference from it
+        shared = [protocol] if protocol.is_file() else []
+        budget = _budget([*shared, config], overrides)
         for game in games:
             if game not in GAMES:
                 raise ValueError(f"unknown game {game!r}; valid: {', '.join(GAMES)}")
             for seed in seeds:
                 run_dir = (root / method / game / f"seed{seed}").resolve()
-                runs.append(GridRun(method, game, seed, str(config), str(run_dir), tuple(overrides), budget))
+                runs.append(GridRun(method, game, seed, str(config), str(run_dir), tuple(overrides), budget,
+                                    str(protocol) if shared else None))  # fmt: skip
     return runs
 
 
