@@ -624,7 +624,9 @@ class DRIML(pl.LightningModule):
             }
         if int(batch["env_steps"]) >= 0:
             values[f"{prefix}/env_steps"] = float(batch["env_steps"])
-        self.log_dict(values, add_dataloader_idx=False, batch_size=1)
+        # every rank holds the same values (computed from the gathered episodes): the mean over the ranks that
+        # sync_dist takes is the value itself, and Lightning no longer warns that epoch-level values are unsynced
+        self.log_dict(values, add_dataloader_idx=False, batch_size=1, sync_dist=self.trainer.world_size > 1)
 
     def _gather_episodes(self, x: Tensor) -> Tensor:
         """Every rank's episodes (ranks may hold different counts), as float64 on the host."""
