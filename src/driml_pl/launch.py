@@ -217,7 +217,8 @@ class GridTask:
 
     def checkpoint(self, plan: str, index: int) -> Any:
         """submitit's time-out/pre-emption hook: stop the fits with SIGTERM (each writes its checkpoint unit), wait
-        for them (up to 80 s of submitit's 90 s notice), then hand submitit the same task to requeue."""
+        for them (up to 80 s: keep `--requeue-before`, submitit's notice, above that), then hand submitit the same task
+        to requeue."""
         import submitit
 
         stop_children(signal.SIGTERM, timeout=80)

@@ -9,9 +9,9 @@
 # Settings: ProctrackType=proctrack/linuxproc and TaskPlugin=task/none (no cgroups in a container),
 # JobAcctGatherType=jobacct_gather/none, one node with the CPUs and memory `slurmd -C` reports, one partition
 # "cpu". AuthInfo=cred_expire=10: a requeued job waits cred_expire seconds before it may start again (120 by
-# default), which would make the requeue tests wait two minutes for nothing; sched_interval=5,bf_interval=5: the
-# scheduler looks at a requeued job again within seconds of it becoming eligible (60 and 30 s by default). slurmd runs under `nice -n 19`,
-# so the jobs it starts (which inherit its niceness) leave a shared dev machine usable.
+# default), which would make the requeue tests wait two minutes for nothing. sched_interval=5,bf_interval=5: the
+# scheduler looks at a requeued job again within seconds of it becoming eligible (60 and 30 s by default).
+# slurmd runs under `nice -n 19`, so the jobs it starts (which inherit its niceness) leave a shared machine usable.
 set -euo pipefail
 
 CONF=/etc/slurm/slurm.conf
