@@ -72,3 +72,23 @@ def test_a_regular_install_runs_the_grid_and_bundled_configs_from_anywhere(tmp_p
     assert shown.returncode == 0, shown.stderr[-2000:]
     assert f"driml_pl: --config conf/quickstart.yaml: not under {elsewhere}; using the bundled " in shown.stderr
     assert "game: fruitbot" in shown.stdout and "num_levels: 1" in shown.stdout
+
+
+def test_a_missing_config_path_takes_the_bundled_copy_and_a_local_file_wins(tmp_path, monkeypatch, capsys) -> None:
+    from driml_pl.bundled import conf_dir, resolve_config_args
+
+    monkeypatch.chdir(tmp_path)
+    bundled = conf_dir()
+    assert resolve_config_args(["fit", "--config", "conf/quickstart.yaml", "--x", "1"]) == [
+        "fit", "--config", str(bundled / "quickstart.yaml"), "--x", "1"]  # fmt: skip
+    assert resolve_config_args(["--config=paper/c51.yaml"]) == [f"--config={bundled / 'paper' / 'c51.yaml'}"]
+    note = capsys.readouterr().err.splitlines()
+    assert note[0] == f"driml_pl: --config conf/quickstart.yaml: not under {tmp_path}; using the bundled " + str(
+        bundled / "quickstart.yaml")  # fmt: skip
+    assert len(note) == 2
+    for kept in (["--config", "conf/none.yaml"], ["--config", "../conf/quickstart.yaml"], ["--config", "/x.yaml"]):
+        assert resolve_config_args(kept) == kept  # not bundled: the CLI's own error names the path
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "quickstart.yaml").write_text("seed_everything: 3\n")
+    assert resolve_config_args(["--config", "conf/quickstart.yaml"]) == ["--config", "conf/quickstart.yaml"]
+    assert capsys.readouterr().err == ""
