@@ -188,6 +188,27 @@ def test_the_submitit_backend_runs_the_grid_on_the_same_cluster(tmp_path: Path, 
     assert "| dodgeball | " in (report / "report.md").read_text()
 
 
+def test_submitit_time_out_stops_the_fits_with_a_checkpoint_and_requeues(tmp_path: Path, capsys, monkeypatch) -> None:
+    """submitit's USR2 notice reaches every process of the step: the fits ignore it, and `GridTask.checkpoint`
+    stops them with SIGTERM (a checkpoint each) before submitit requeues the task, which resumes them."""
+    pytest.importorskip("submitit")
+    monkeypatch.setenv("DRIML_SLOW_UPDATES", "0.6")
+    args = ["--methods", "c51", "--seeds", "0", "--backend", "submitit", "--time", "00:01:30", "--requeue-before",
+            "30", "--wait"]  # fmt: skip
+    out = grid(tmp_path, "runs", *args, budget=1024, capsys=capsys)
+    match = re.search(r"submitted 1 tasks: (\d+) ", out)
+    assert match, out
+    [task] = job(match.group(1))
+    assert task["JobState"] == "COMPLETED" and int(task["Restarts"]) >= 1 and task["TimeLimit"] == "00:02:00", task
+    run_dir = tmp_path / "runs" / "c51" / GAME / "seed0"
+    log = (run_dir / "launch.log").read_text()
+    stops = log.count("stopped by SIGTERM after writing a checkpoint")
+    assert stops >= 1 and log.count(" resume: ") >= stops - 1  # a stop at the budget's last update needs no resume
+    notes = "".join(p.read_text() for p in (run_dir.parents[2] / "_grid").glob("*/submitit/*_log.out"))
+    assert notes.count("Calling checkpoint method.") == int(task["Restarts"]) == notes.count("Requeued job")
+    assert load_run(run_dir).reached_budget and last(run_dir)["global_step"] == 120
+
+
 # ---------------------------------------------------------------------------------------------- srun, 2 tasks
 def test_srun_two_tasks_make_one_ddp_run_equal_to_two_local_ranks(tmp_path: Path) -> None:
     """`srun` starts the two ranks (Lightning reads SLURM_PROCID/SLURM_NTASKS); the run makes the same updates on the

@@ -184,14 +184,24 @@ def stop_children(sig: int = signal.SIGTERM, timeout: float | None = None) -> No
     """Send ``sig`` to every running fit of this task (SIGTERM: each writes a checkpoint unit at its next step
     boundary and exits with 143) and, with a ``timeout``, wait up to that many seconds for them to exit."""
     for proc in _CHILDREN:
-        if proc.poll() is None:
+        if not _exited(proc):
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(sig)
     deadline = time.monotonic() + (timeout or 0)
-    for proc in _CHILDREN:
-        if timeout is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(max(0.0, deadline - time.monotonic()))
+    while timeout is not None and time.monotonic() < deadline and not all(map(_exited, _CHILDREN)):
+        time.sleep(0.2)
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` has exited, without reaping it. Not ``proc.poll()``/``proc.wait()``: this runs inside a
+    signal handler that interrupted `run_task`'s ``proc.wait()``, which holds the Popen's wait lock, so they would
+    report "running" until their timeout (seen under submitit: the 80 s ran out past the time limit)."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True
 
 
 def _forward_signals() -> None:
