@@ -77,13 +77,15 @@ def bench(session: nox.Session) -> None:
 
 @nox.session
 def slurm(session: nox.Session) -> None:
-    """The cluster path for real (about 10 minutes on 2 cores; needs root): brings up a one-node SLURM with
+    """The cluster path for real (about 30 minutes on the shared 2-core machine; needs root): a one-node SLURM from
     tools/slurm/up.sh, then the grid through real sbatch (array, skip, report job, requeue, time limit, submitit),
     `srun` with two tasks, and two torchrun nodes (tests/test_slurm.py, tests/test_multinode.py)."""
     install_project(session)
     session.run("bash", "tools/slurm/up.sh", external=True)
     env = {"DRIML_SLURM": "1", "DRIML_MULTINODE": "1", "OMP_NUM_THREADS": "1"}
-    session.run("pytest", "-v", "tests/test_slurm.py", "tests/test_multinode.py", *session.posargs, env=env)
+    # its own basetemp: another pytest on the machine prunes /tmp/pytest-of-<user> while these jobs still write there
+    base = f"--basetemp={session.create_tmp()}/pytest"
+    session.run("pytest", "-v", base, "tests/test_slurm.py", "tests/test_multinode.py", *session.posargs, env=env)
 
 
 @nox.session(venv_backend="none")

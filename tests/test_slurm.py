@@ -180,6 +180,7 @@ def test_the_submitit_backend_runs_the_grid_on_the_same_cluster(tmp_path: Path, 
     out = grid(tmp_path, "runs", *args, capsys=capsys)
     match = re.search(r"submitted 2 tasks: (\d+)_0, (\d+)_1 ", out)
     assert match and match.group(1) == match.group(2), out
+    wait_jobs(match.group(1))  # --wait returns once the results are written; SLURM may still list a task RUNNING
     tasks = job(match.group(1))
     assert sorted((t["ArrayTaskId"], t["JobState"], t["ExitCode"], t["JobName"]) for t in tasks) == [
         ("0", "COMPLETED", "0:0", "submitit"), ("1", "COMPLETED", "0:0", "submitit")]  # fmt: skip
@@ -198,6 +199,7 @@ def test_submitit_time_out_stops_the_fits_with_a_checkpoint_and_requeues(tmp_pat
     out = grid(tmp_path, "runs", *args, budget=1024, capsys=capsys)
     match = re.search(r"submitted 1 tasks: (\d+) ", out)
     assert match, out
+    wait_jobs(match.group(1))  # --wait returns once the result is written; SLURM may still list the job RUNNING
     [task] = job(match.group(1))
     assert task["JobState"] == "COMPLETED" and int(task["Restarts"]) >= 1 and task["TimeLimit"] == "00:02:00", task
     run_dir = tmp_path / "runs" / "c51" / GAME / "seed0"
