@@ -1,4 +1,4 @@
-"""nox sessions. `nox` runs tests, lint and typecheck; smoke and bench are opt-in (`nox -s smoke`, `nox -s bench`).
+"""nox sessions. `nox` runs tests, lint and typecheck; smoke, bench and slurm are opt-in (`nox -s smoke`, ...).
 
 Extra arguments after `--` reach the tool (e.g. `nox -s tests -- -k replay`).
 """
@@ -73,6 +73,19 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/ddp_throughput.py")  # 1 vs 2 gloo CPU ranks, same global batch
     session.run("python", "benchmarks/ddp_throughput.py", "--batch", "128", "--num-envs", "32", "--replay-ratio", "8",
                 "--updates", "112", "--per-step", "7", "--log-every", "2", "--skip", "1")  # fmt: skip
+
+
+@nox.session
+def slurm(session: nox.Session) -> None:
+    """The cluster path for real (about 30 minutes on the shared 2-core machine; needs root): a one-node SLURM from
+    tools/slurm/up.sh, then the grid through real sbatch (array, skip, report job, requeue, time limit, submitit),
+    `srun` with two tasks, and two torchrun nodes (tests/test_slurm.py, tests/test_multinode.py)."""
+    install_project(session)
+    session.run("bash", "tools/slurm/up.sh", external=True)
+    env = {"DRIML_SLURM": "1", "DRIML_MULTINODE": "1", "OMP_NUM_THREADS": "1"}
+    # its own basetemp: another pytest on the machine prunes /tmp/pytest-of-<user> while these jobs still write there
+    base = f"--basetemp={session.create_tmp()}/pytest"
+    session.run("pytest", "-v", base, "tests/test_slurm.py", "tests/test_multinode.py", *session.posargs, env=env)
 
 
 @nox.session(venv_backend="none")

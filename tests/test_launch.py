@@ -45,7 +45,11 @@ def test_slurm_array_script_for_the_paper_grid(tmp_path: Path, capsys: pytest.Ca
     for line in ("#SBATCH --array=0-79%20", "#SBATCH --gres=gpu:1", "#SBATCH --partition=gpu", "#SBATCH --requeue",
                  "#SBATCH --signal=B:USR1@90", task_line):  # fmt: skip
         assert line in script, line
-    assert 'scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"\' USR1' in script
+    # USR1 (the time-limit notice) stops the runs with a checkpoint first, then requeues; TERM is passed on
+    assert 'requeue=1; kill -TERM "$task"\' USR1' in script and 'kill -TERM "$task" 2>/dev/null\' TERM' in script
+    assert script.index('  wait "$task"') < script.index(
+        '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"'
+    )
     tasks = spec["tasks"]
     assert len(tasks) == 80 and all(len(t) == 3 for t in tasks) and spec["runs_per_gpu"] == 3
     cells = {(r["method"], r["game"], r["seed"]) for t in tasks for r in t}
@@ -60,6 +64,12 @@ def test_slurm_array_script_for_the_paper_grid(tmp_path: Path, capsys: pytest.Ca
     # flags the launcher owns are refused, as is an unknown method
     assert main(["--root", str(root), "--dry-run", "--", "--data.env.game", "coinrun"]) == 2
     assert main(["--root", str(root), "--dry-run", "--methods", "curl"]) == 2
+    capsys.readouterr()
+    assert main(["--root", str(root), "--dry-run", "--time", "00:01:30", "--requeue-before", "120"]) == 2
+    assert capsys.readouterr().err == ("driml_pl grid: error: --requeue-before 120 is not allowed: must be > 0 and "
+                                       "below --time 00:01:30 (120 s)\n")  # fmt: skip
+    assert main(["--root", str(root), "--dry-run", "--conf-dir", str(root / "nowhere")]) == 2
+    assert capsys.readouterr().err == f"driml_pl grid: error: --conf-dir {root / 'nowhere'}: no such directory\n"
 
 
 def test_tiny_grid_runs_resumes_skips_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

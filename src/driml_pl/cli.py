@@ -283,6 +283,14 @@ def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
 
         raise SystemExit(grid_main(argv[1:]))
     quiet_warnings()
+    from driml_pl.bundled import resolve_config_args
+
+    resolved = resolve_config_args(argv)  # `--config conf/x.yaml` from a regular install: the bundled copy
+    if resolved != list(argv):
+        if args is None:  # LightningCLI warns when it is given both args and a command line: rewrite sys.argv
+            sys.argv[1:] = resolved
+        else:
+            args = resolved
     try:
         cli = DRIMLCLI(
             model,

@@ -16,12 +16,15 @@ i // runs-per-gpu of the task's CUDA_VISIBLE_DEVICES.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,11 +33,12 @@ from typing import Any
 
 import yaml
 
+from driml_pl import bundled
 from driml_pl.envs import GAMES
 from driml_pl.report import load_run
+from driml_pl.schedulers import minutes, submit_sbatch, submit_submitit
 
-ROOT = Path(__file__).resolve().parents[2]
-METHODS: tuple[str, ...] = ("c51", "noact", "randk", "fix", "ada")  # conf/paper/<method>.yaml
+METHODS: tuple[str, ...] = ("c51", "noact", "randk", "fix", "ada")  # conf/paper/<method>.yaml (bundled)
 SEEDS: tuple[int, ...] = (0, 1, 2)
 RESERVED = ("--config", "--data.env.game", "--seed_everything", "--trainer.default_root_dir", "--ckpt_path")
 """Flags the launcher sets for each run; refused among the pass-through overrides."""
@@ -99,6 +103,8 @@ def plan_grid(
     for flag in (arg.split("=", 1)[0] for arg in overrides):
         if flag in RESERVED:
             raise ValueError(f"{flag} is set by the launcher for each run; use --methods/--games/--seeds/--root")
+    if not conf_dir.is_dir():
+        raise ValueError(f"--conf-dir {conf_dir.resolve()}: no such directory")
     runs = []
     for method in methods:
         config = (conf_dir / f"{method}.yaml").resolve()
@@ -131,6 +137,7 @@ def run_task(plan: str, index: int) -> int:
     """
     spec = json.loads(Path(plan).read_text())
     runs = [GridRun(**{**r, "overrides": tuple(r["overrides"])}) for r in spec["tasks"][index]]
+    _forward_signals()
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
     cores = len(os.sched_getaffinity(0))
     procs, locks = [], []
@@ -156,8 +163,11 @@ def run_task(plan: str, index: int) -> int:
         with open(Path(run.run_dir) / "launch.log", "a") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {status}: {shlex.join(cmd)}\n")
             log.flush()
-            procs.append((run, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=spec["cwd"])))
-        locks.append(lock)
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=spec["cwd"],
+                                    preexec_fn=_ignore_usr2)  # fmt: skip
+        procs.append((run, proc))
+        _CHILDREN.append(proc)
+        locks.append(lock)  # <- where the launcher decides this run is being worked on (a run-dir lock later)
     codes = [0]
     for run, proc in procs:
         codes.append(proc.wait())
@@ -165,6 +175,51 @@ def run_task(plan: str, index: int) -> int:
     for lock in locks:
         lock.close()
     return max(codes)
+
+
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+"""The fits this task started (still running or not): what a stop signal is forwarded to."""
+
+
+def _ignore_usr2() -> None:
+    """In each fit, before exec: ignore SIGUSR2, submitit's time-out signal, which SLURM sends to every process of
+    the job step; its default action would kill the fit with no checkpoint (`GridTask.checkpoint` stops it)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def stop_children(sig: int = signal.SIGTERM, timeout: float | None = None) -> None:
+    """Send ``sig`` to every running fit of this task (SIGTERM: each writes a checkpoint unit at its next step
+    boundary and exits with 143) and, with a ``timeout``, wait up to that many seconds for them to exit."""
+    for proc in _CHILDREN:
+        if not _exited(proc):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+    deadline = time.monotonic() + (timeout or 0)
+    while timeout is not None and time.monotonic() < deadline and not all(map(_exited, _CHILDREN)):
+        time.sleep(0.2)
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether ``proc`` has exited, without reaping it. Not ``proc.poll()``/``proc.wait()``: this runs inside a
+    signal handler that interrupted `run_task`'s ``proc.wait()``, which holds the Popen's wait lock, so they would
+    report "running" until their timeout (seen under submitit: the 80 s ran out past the time limit)."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:  # already reaped
+        return True
+
+
+def _forward_signals() -> None:
+    """SIGTERM/SIGINT to this task (SLURM's requeue, pre-emption, scancel, or the batch shell's time-limit trap) is
+    passed on to the fits, and the task keeps waiting for them: it stays their parent, so SLURM still tracks them
+    (``proctrack/linuxproc`` follows parent pids: an orphaned fit escapes the job) and SIGKILLs them after KillWait.
+    Not under submitit, which owns the task's handlers."""
+    if "SUBMITIT_FOLDER" in os.environ or threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop_children(signum))
 
 
 class GridTask:
@@ -178,54 +233,13 @@ class GridTask:
         return code
 
     def checkpoint(self, plan: str, index: int) -> Any:
+        """submitit's time-out/pre-emption hook: stop the fits with SIGTERM (each writes its checkpoint unit), wait
+        for them (up to 80 s: keep `--requeue-before`, submitit's notice, above that), then hand submitit the same task
+        to requeue."""
         import submitit
 
+        stop_children(signal.SIGTERM, timeout=80)
         return submitit.helpers.DelayedSubmission(GridTask(), plan, index)
-
-
-# ----------------------------------------------------------------------------------------------- SLURM script
-def slurm_script(plan: Path, tasks: Sequence[Sequence[GridRun]], args: argparse.Namespace) -> str:
-    """An ``sbatch --array`` script: task ``$SLURM_ARRAY_TASK_ID`` runs ``grid task PLAN --index ID``.
-
-    Pre-emption: ``--signal=B:USR1@90`` sends SIGUSR1 to this batch shell 90 s before the time limit, whose trap
-    requeues the task (``--requeue`` also lets SLURM requeue it on a pre-emption); the requeued task resumes its runs
-    from ``last.ckpt``. The signal goes to the shell only (``B:``): Lightning's own SLURM auto-requeue saves a
-    checkpoint from inside the signal handler, mid vector-step, which this trainer refuses (see the README).
-    """
-    parallel = f"%{args.max_parallel}" if args.max_parallel else ""
-    python = shlex.quote(args.python)
-    lines = [
-        "#!/bin/bash",
-        "#SBATCH --job-name=driml-grid",
-        f"#SBATCH --array=0-{len(tasks) - 1}{parallel}",
-        f"#SBATCH --gres=gpu:{args.gpus_per_task}" if args.gpus_per_task else "",
-        f"#SBATCH --cpus-per-task={args.cpus_per_task}",
-        f"#SBATCH --mem={args.mem_gb}G",
-        f"#SBATCH --time={args.time}",
-        f"#SBATCH --partition={args.partition}" if args.partition else "",
-        f"#SBATCH --output={plan.parent}/slurm-%A_%a.out",
-        "#SBATCH --open-mode=append",
-        "#SBATCH --requeue",
-        "#SBATCH --signal=B:USR1@90",
-        *[f"#SBATCH {extra}" for extra in args.sbatch],
-        "#",
-        f"# {sum(map(len, tasks))} runs in {len(tasks)} tasks of up to {args.gpus_per_task or 1} GPU(s) x "
-        f"{args.runs_per_gpu} run(s) per GPU. Each task decides again when it starts: finished runs are skipped, "
-        "runs with checkpoints/last.ckpt get --ckpt_path last.",
-    ]
-    for i, task in enumerate(tasks):
-        for run in task:
-            lines.append(f"# task {i}: {run.name}: {shlex.join(run.command(args.python, resume=False))}")
-    lines += [
-        "",
-        f"cd {shlex.quote(str(Path.cwd()))}",
-        'trap \'echo "$(date): USR1 (time limit or pre-emption): requeue"; '
-        'scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"\' USR1',
-        f'{python} -m driml_pl grid task {shlex.quote(str(plan))} --index "$SLURM_ARRAY_TASK_ID" &',
-        "wait $!  # returns early on USR1: the trap runs, SLURM ends and requeues the task",
-        "",
-    ]
-    return "\n".join(line for line in lines if line != "") + "\n"
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -239,7 +253,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--games", default=",".join(GAMES), help="comma list (default: all 16)")
     p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma list (default: 0,1,2)")
     p.add_argument("--root", default="runs/paper", help="runs go to ROOT/<method>/<game>/seed<seed>")
-    p.add_argument("--conf-dir", default=str(ROOT / "conf" / "paper"), help="where <method>.yaml live")
+    p.add_argument("--conf-dir", default=None, help="where <method>.yaml live (default: the bundled conf/paper)")
     p.add_argument("--backend", choices=("slurm", "submitit"), default="slurm")
     p.add_argument("--dry-run", action="store_true", help="print each run's decision and command; write nothing")
     p.add_argument("--submit", action="store_true", help="slurm: sbatch the script (default: write it, print how)")
@@ -253,20 +267,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-task", type=int, default=8)
     p.add_argument("--mem-gb", type=int, default=32, help="host memory per task")
     p.add_argument("--time", default="48:00:00", help="time limit per task, HH:MM:SS (requeued before it)")
+    p.add_argument("--requeue-before", type=int, default=90, metavar="S",
+                   help="slurm: stop the runs (checkpoint) and requeue S seconds before --time (SLURM may signal up "
+                   "to 60 s earlier)")  # fmt: skip
     p.add_argument("--partition", default=None)
     p.add_argument("--max-parallel", type=int, default=0, help="at most this many tasks at once (0: no limit)")
     p.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH line, e.g. --sbatch=--account=x")
     p.add_argument("--python", default=sys.executable, help="the interpreter the tasks run")
     return p
-
-
-def _minutes(hms: str) -> int:
-    parts = [int(x) for x in hms.replace("-", ":").split(":")]
-    while len(parts) < 3:
-        parts.insert(0, 0)
-    days = parts[0] if len(parts) == 4 else 0
-    h, m, s = parts[-3:]
-    return days * 1440 + h * 60 + m + (1 if s else 0)
 
 
 def _write_plan(root: Path, tasks: Sequence[Sequence[GridRun]], args: argparse.Namespace) -> Path:
@@ -281,43 +289,6 @@ def _write_plan(root: Path, tasks: Sequence[Sequence[GridRun]], args: argparse.N
     plan = folder / "plan.json"
     plan.write_text(json.dumps(spec, indent=1))
     return plan
-
-
-def _submitit(plan: Path, n_tasks: int, args: argparse.Namespace, root: Path) -> int:
-    import submitit
-
-    folder = plan.parent / "submitit"
-    executor: Any = (
-        submitit.LocalExecutor(folder) if args.executor == "local" else submitit.AutoExecutor(folder, cluster=None)
-    )
-    params: dict[str, Any] = {"timeout_min": _minutes(args.time)}
-    if args.executor != "local":
-        params |= {"slurm_partition": args.partition, "gpus_per_node": args.gpus_per_task, "cpus_per_task":
-                   args.cpus_per_task, "mem_gb": args.mem_gb, "slurm_array_parallelism": args.max_parallel or n_tasks,
-                   "slurm_signal_delay_s": 90}  # fmt: skip
-        params = {k: v for k, v in params.items() if v is not None}
-    else:  # submitit sets CUDA_VISIBLE_DEVICES to the first gpus_per_node GPUs ("" hides them all)
-        import torch
-
-        params["gpus_per_node"] = min(args.gpus_per_task, torch.cuda.device_count())
-    executor.update_parameters(**params)
-    jobs = executor.map_array(GridTask(), [str(plan)] * n_tasks, list(range(n_tasks)))
-    print(f"submitted {n_tasks} tasks: {', '.join(j.job_id for j in jobs)} (logs: {folder})")
-    if not args.wait:
-        return 0
-    failed = 0
-    for job in jobs:
-        try:
-            job.result()
-        except Exception as err:  # a failed task is reported, the others still count
-            failed += 1
-            print(f"task {job.job_id} failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
-    if args.report:
-        from driml_pl.report import main as report_main
-
-        code = report_main([str(root), "--out", args.report])
-        failed += code != 0
-    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -335,9 +306,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv, overrides = argv[:cut], argv[cut + 1 :]
     args = _parser().parse_args(argv)
     root = Path(args.root).resolve()
+    if not 0 < args.requeue_before < 60 * minutes(args.time):
+        print(f"driml_pl grid: error: --requeue-before {args.requeue_before} is not allowed: must be > 0 and below "
+              f"--time {args.time} ({60 * minutes(args.time)} s)", file=sys.stderr)  # fmt: skip
+        return 2
+    if args.conf_dir is None and not (bundled.conf_dir() / "paper").is_dir():
+        print(f"driml_pl grid: error: no bundled conf/paper found; looked in {bundled.looked_in()}; pass --conf-dir",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    conf = Path(args.conf_dir) if args.conf_dir else bundled.conf_dir() / "paper"
     try:
         runs = plan_grid(args.methods.split(","), args.games.split(","), [int(s) for s in args.seeds.split(",")],
-                         root, Path(args.conf_dir), overrides)  # fmt: skip
+                         root, conf, overrides)  # fmt: skip
         status = {run: run.status() for run in runs}
     except (ValueError, OSError, yaml.YAMLError) as err:
         print(f"driml_pl grid: error: {err}", file=sys.stderr)
@@ -362,20 +342,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     plan = _write_plan(root, tasks, args)
     if args.backend == "submitit":
-        return _submitit(plan, len(tasks), args, root)
-    script = plan.with_name("array.sbatch")
-    script.write_text(slurm_script(plan, tasks, args))
-    print(f"wrote {script} ({len(tasks)} array tasks)")
-    if not args.submit:
-        print(f"submit with: sbatch {script}")
-        return 0
-    job = subprocess.run(["sbatch", "--parsable", str(script)], check=True, capture_output=True, text=True)
-    job_id = job.stdout.strip().split(";")[0]
-    print(f"submitted array job {job_id}")
-    if args.report:
-        cmd = f"{shlex.quote(args.python)} -m driml_pl report {shlex.quote(str(root))} --out {shlex.quote(args.report)}"
-        dep = subprocess.run(["sbatch", "--parsable", f"--dependency=afterany:{job_id}", "--job-name=driml-report",
-                              f"--output={plan.parent}/report-%j.out", f"--wrap={cmd}"],
-                             check=True, capture_output=True, text=True)  # fmt: skip
-        print(f"submitted report job {dep.stdout.strip()} (after the array ends)")
-    return 0
+        return submit_submitit(plan, len(tasks), args, root)
+    return submit_sbatch(plan, tasks, args, root)

@@ -160,6 +160,21 @@ def command(faults: Faults, driml_args: Sequence[str]) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *launcher_args(faults), "--", *driml_args]
 
 
+def python_with_faults(directory: Path, faults: Faults) -> Path:
+    """An executable that stands in for the interpreter where commands are built as ``PYTHON -m driml_pl fit ...``
+    (the grid's ``--python``): a fit runs with ``faults`` installed, anything else (``grid task``, ``report``) as is."""
+    script = directory / "python-with-faults"
+    launcher = " ".join([sys.executable, str(Path(__file__).resolve()), *launcher_args(faults)])
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "-m" ] && [ "$2" = "driml_pl" ] && [ "$3" = "fit" ]; then\n'
+        f'  shift 2\n  exec {launcher} -- "$@"\nfi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     cut = argv.index("--")

@@ -92,7 +92,9 @@ def log_eval(module: Any, prefix: str, batch: dict[str, Any]) -> None:
         }
     if int(batch["env_steps"]) >= 0:
         values[f"{prefix}/env_steps"] = float(batch["env_steps"])
-    module.log_dict(values, add_dataloader_idx=False, batch_size=1)
+    # every rank holds the same values (computed from the gathered episodes): the mean over the ranks that
+    # sync_dist takes is the value itself, and Lightning no longer warns that epoch-level values are unsynced
+    module.log_dict(values, add_dataloader_idx=False, batch_size=1, sync_dist=module.trainer.world_size > 1)
 
 
 def gather_episodes(module: Any, x: Tensor) -> Tensor:
