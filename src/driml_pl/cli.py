@@ -25,6 +25,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from rich.console import Console
 
 from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
@@ -32,6 +33,7 @@ from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
 from driml_pl.module import DRIML, NonFiniteLossError
+from driml_pl.threads import set_torch_threads
 
 
 def _seed(seed_everything: bool | int) -> int:
@@ -90,6 +92,8 @@ class DRIMLCLI(LightningCLI):
             raise ValueError(describe_parse_error(str(err), argv, known)) from None
         self._check()
         self._check_resume()
+        self._check_eval_checkpoint()
+        set_torch_threads(self._subconfig_of(self.config).get("torch_threads"))  # before any tensor work
 
     def _check_resume(self) -> None:
         """``fit --ckpt_path``: the checkpoint must load without pickle, be complete and fit the settings; checked
@@ -112,6 +116,36 @@ class DRIMLCLI(LightningCLI):
         check_resumable(
             path, checkpoint_meta(data.env.game, data.env.num_envs, data.replay_size, data.frame_stack, None)
         )
+
+    def _check_eval_checkpoint(self) -> None:
+        """``validate``/``test`` evaluate a checkpoint, never freshly initialised weights: without ``--ckpt_path``
+        they evaluate the run directory's own ``checkpoints/last.ckpt`` and say so in one line; with none there,
+        they are refused (before anything is written). ``--ckpt_path last`` names the same file."""
+        subcommand = self.config.get("subcommand")
+        if subcommand not in ("validate", "test"):
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path != "last":
+            return
+        root = Path(str(config.trainer.get("default_root_dir") or "runs/driml"))
+        path = Path(str(root).format(game=config.data.env.game, seed=config.seed_everything)) / "checkpoints"
+        path = path / "last.ckpt"
+        if not path.is_file():
+            given = "last" if ckpt_path else None
+            raise ValueError(
+                f"ckpt_path={given} is not allowed: {subcommand} evaluates a checkpoint and {path} does not exist; "
+                f"give --ckpt_path PATH, or the run's --trainer.default_root_dir"
+            )
+        config.ckpt_path = str(path)
+        if not ckpt_path:
+            note = f"driml_pl: no --ckpt_path given: {subcommand} evaluates the run's checkpoint {path}"
+            print(note, file=sys.stderr)
+
+    @staticmethod
+    def _subconfig_of(config: Any) -> Any:
+        subcommand = config.get("subcommand")
+        return config[subcommand] if subcommand else config
 
     def _known_keys(self, subcommand: str | None) -> list[str]:
         parsers = getattr(self, "_subcommand_parsers", {})
@@ -153,6 +187,13 @@ class DRIMLCLI(LightningCLI):
             default=600.0,
             help="seconds a DDP rank waits in a collective for the others before the run fails (ddp strategies "
             "given by name; a strategy given as a class keeps its own timeout)",
+        )
+        parser.add_argument(
+            "--torch_threads",
+            type=int | None,
+            default=None,
+            help="torch intra-op threads of this process (each DDP rank); default: OMP_NUM_THREADS if set, else the "
+            "cores this process may use // DRIML_RUNS_PER_MACHINE (default 1). See docs/threads.md",
         )
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
@@ -300,6 +341,9 @@ def main(args: list[str] | None = None) -> None:
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"driml_pl: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MisconfigurationException as err:  # Lightning's own refusal of a setting the checks above let through
+        print(f"driml_pl: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteLossError as err:  # a NaN/Inf loss during training: exit code 3
         print(f"driml_pl: error: {err}", file=sys.stderr)
