@@ -1,13 +1,17 @@
 """Two runs on one machine: wall time of a small real fit alone, then of two started at once, per thread setting.
 
-Each setting is ``TORCHxPROCGEN`` (``--torch_threads`` x ``--data.env.num_threads``), ``default`` (no flag: the
-project's defaults), or either with ``+passive`` (``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads sleep instead of
-spinning while they wait). For each setting the script runs, back to back: one fit alone, then two identical fits
-(different run directories) started together. Every child runs at the same nice level, with OMP_NUM_THREADS unset
-unless the setting sets it. The ratio pair/alone is what matters on a shared machine (the absolute seconds move with
-whatever else runs); a ratio of 2.0 is what two runs sharing the cores fairly cost, far above 2 is collapse.
+Each setting is ``TORCHxPROCGEN`` (``--torch_threads`` x ``--data.env.num_threads``) or ``default`` (no flag: the
+project's defaults), with optional suffixes: ``+passive`` (``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads sleep instead
+of spinning while they wait; the project's default since issue 19), ``+spin`` (``GOMP_SPINCOUNT=300000``, libgomp's
+own default, i.e. every run before issue 19) and ``+runs2`` (``DRIML_RUNS_PER_MACHINE=2``). For each setting the
+script runs, back to back: one fit alone, then two identical fits (different run directories) started together.
+Every child runs at the same nice level, with OMP_NUM_THREADS, OMP_WAIT_POLICY, GOMP_SPINCOUNT and
+DRIML_RUNS_PER_MACHINE unset unless the setting sets them. Each fit's wall time (start-up included) and its training
+loop's updates/s (from the TensorBoard wall times of its first and last logged loss) are recorded. The ratio
+pair/alone is what matters on a shared machine (the absolute numbers move with whatever else runs): 2.0 is what two
+runs sharing the cores fairly cost; far above 2 is collapse.
 
-    nice -n 19 python benchmarks/threads.py --out benchmarks/figures/threads   # ~15 min on 2 cores
+    nice -n 5 python benchmarks/threads.py --out benchmarks/figures/threads   # 15-30 min on 2 cores
 
 Writes ``OUT.json`` (every time measured) and ``OUT.png`` (alone vs pair per setting), prints a Markdown table.
 """
@@ -43,12 +47,17 @@ def fit_command(run_dir: Path, size: str, budget: int, setting: str) -> tuple[li
             "--data.env.game": "bigfish", "--data.env.num_levels": "20", "--data.total_env_steps": str(budget),
             "--data.updates_per_epoch": "50", "--data.eval_episodes": "2", "--trainer.log_every_n_steps": "5",
             **SIZES[size]}  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
+    unset = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "DRIML_RUNS_PER_MACHINE")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONWARNINGS"] = "ignore"
-    base, _, flag = setting.partition("+")
-    if flag == "passive":
+    base, *flags = setting.split("+")
+    if "passive" in flags:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if "spin" in flags:  # libgomp's own default when OMP_WAIT_POLICY is unset (what every run did before)
+        env["GOMP_SPINCOUNT"] = "300000"
+    if "runs2" in flags:
+        env["DRIML_RUNS_PER_MACHINE"] = "2"
     if base != "default":
         torch_threads, procgen = base.split("x")
         args["--torch_threads"], args["--data.env.num_threads"] = torch_threads, procgen
@@ -95,25 +104,26 @@ def timed_fits(n: int, size: str, budget: int, setting: str, work: Path, nice: i
 
 
 def plot(results: list[dict], path: Path, title: str) -> None:
+    """Two panels per setting: wall time of a fit and its training loop's updates/s, alone vs two at once."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r["setting"] for r in results]
-    alone = [r["alone_s"] for r in results]
-    pair = [sum(r["pair_s"]) / len(r["pair_s"]) for r in results]
-    fig, ax = plt.subplots(figsize=(1.4 * len(names) + 2, 3.6))
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], alone, 0.4, label="one fit alone")
-    ax.bar([x + 0.2 for x in xs], pair, 0.4, label="two fits at once (mean)")
-    for x, a, p in zip(xs, alone, pair, strict=True):
-        ax.text(x + 0.2, p, f"x{p / a:.1f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(list(xs), names, fontsize=8)
-    ax.set_ylabel("wall time of a fit (s)")
-    ax.set_xlabel("torch threads x Procgen threads")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    xs = list(range(len(names)))
+    fig, axes = plt.subplots(1, 2, figsize=(1.6 * len(names) + 4, 3.8))
+    for ax, key, label in ((axes[0], "_s", "wall time of a fit (s)"), (axes[1], "_updates_per_s", "updates/s")):
+        alone = [r[f"alone{key}"] for r in results]
+        pair = [sum(r[f"pair{key}"]) / len(r[f"pair{key}"]) for r in results]
+        ax.bar([x - 0.2 for x in xs], alone, 0.4, label="one fit alone")
+        ax.bar([x + 0.2 for x in xs], pair, 0.4, label="two fits at once (mean of the two)")
+        for x, a, p in zip(xs, alone, pair, strict=True):
+            ax.text(x + 0.2, p, f"x{p / a:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(xs, names, fontsize=7, rotation=20)
+        ax.set_ylabel(label)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -125,7 +135,14 @@ def main() -> None:
     p.add_argument("--budget", type=int, default=2048, help="data.total_env_steps of each fit")
     p.add_argument("--nice", type=int, default=0, help="added to every child's nice level (all the same)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "figures" / "threads")
+    p.add_argument("--replot", type=Path, nargs="+", help="only redraw OUT.png from these JSON files (appended)")
     args = p.parse_args()
+    if args.replot:
+        loaded = [json.loads(f.read_text()) for f in args.replot]
+        rows = [r for data in loaded for r in data["results"]]
+        meta = loaded[0]["meta"]
+        plot(rows, args.out.with_suffix(".png"), f"{meta['size']} fit, {meta['budget']} env steps; {meta['machine']}")
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = []
     with tempfile.TemporaryDirectory(prefix="driml-threads-") as tmp:
