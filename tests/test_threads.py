@@ -115,3 +115,20 @@ def test_bad_thread_settings_are_refused_in_one_line(tmp_path, capsys, monkeypat
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("driml_pl: error: ") and message in lines[0], lines
     assert list(Path(tmp_path).iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("given", "seen"),
+    [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"), ({"GOMP_SPINCOUNT": "300000"}, "-")],
+    ids=["default", "caller_policy_kept", "caller_spincount_kept"],
+)
+def test_openmp_waits_passively_unless_the_caller_chose(given, seen):
+    """Set by `import driml_pl`, before torch is imported (libgomp reads it once, when torch loads it)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | given
+    code = (
+        "import driml_pl, os, sys; assert 'torch' not in sys.modules; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == seen
