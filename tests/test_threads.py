@@ -132,3 +132,13 @@ def test_openmp_waits_passively_unless_the_caller_chose(given, seen):
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == seen
+
+
+def test_the_grid_launchers_omp_num_threads_sets_both_torch_and_procgen(monkeypatch):
+    """`grid task` gives each of its runs OMP_NUM_THREADS = cores // runs in the task (launch.run_task); that one
+    variable sets the run's torch threads and, through them, its Procgen threads."""
+    torch.set_num_threads(2)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    _parse()
+    assert torch.get_num_threads() == 1
+    assert procgen_threads(None, 16) == 1
