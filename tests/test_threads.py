@@ -127,9 +127,7 @@ def test_openmp_waits_passively_unless_the_caller_chose(given, seen):
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")} | given
-    code = (
-        "import driml_pl, os, sys; assert 'torch' not in sys.modules; print(os.environ.get('OMP_WAIT_POLICY', 'unset'))"
-    )
+    code = "import driml_pl, os, sys; assert 'torch' not in sys.modules; print(os.environ.get('OMP_WAIT_POLICY', '-'))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == seen
 
