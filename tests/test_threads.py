@@ -99,8 +99,8 @@ def test_unset_torch_threads_follow_runs_per_machine(monkeypatch):
 @pytest.mark.parametrize(
     ("override", "env", "message"),
     [
-        (["--torch_threads", "0"], {}, "torch_threads=0 is not allowed: an integer (threads; unset: see docs/"),
-        (["--data.env.num_threads", "0"], {}, "data.env.num_threads=0 is not allowed: an integer (threads"),
+        (["--torch_threads", "0"], {}, "torch_threads=0 is not allowed: an integer >= 1, or null for the default"),
+        (["--data.env.num_threads", "0"], {}, "data.env.num_threads=0 is not allowed: an integer >= 1, or null"),
         ([], {"DRIML_RUNS_PER_MACHINE": "two"}, "DRIML_RUNS_PER_MACHINE=two is not allowed: an integer >= 1"),
         ([], {"DRIML_RUNS_PER_MACHINE": "0"}, "DRIML_RUNS_PER_MACHINE=0 is not allowed: an integer >= 1"),
     ],

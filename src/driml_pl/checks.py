@@ -134,7 +134,8 @@ def check_config(cfg: Any) -> None:
             "model.pair_hidden",
         )
     )
-    positive(("torch_threads", "data.env.num_threads"), kind="an integer (threads; unset: see docs/threads.md)")
+    for key in ("torch_threads", "data.env.num_threads"):
+        require(key, lambda v: _number(v) and v >= 1, "an integer >= 1, or null for the default (docs/threads.md)")
     positive(("data.replay_ratio", "model.lr", "model.max_grad_norm", "model.score_clip"), kind="a number")
     require("data.env.num_levels", lambda v: _number(v) and v >= 0, "an integer >= 0 (0: unlimited levels)")
     require("data.env.start_level", lambda v: _number(v) and v >= 0, "an integer >= 0")
