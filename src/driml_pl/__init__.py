@@ -14,4 +14,13 @@ Data flow (docs/architecture.md has the rooms and seams)::
         `target_update_interval` updates, the actors' snapshot once per Lightning step.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# OpenMP threads (torch's intra-op pool) that wait passively sleep instead of spinning: two runs on one machine (or
+# one beside other work) then share the cores instead of spinning against each other (docs/threads.md). libgomp reads
+# this once, when torch is first imported, so it is set here, before any driml_pl module imports torch. A setting of
+# the caller's (OMP_WAIT_POLICY or GOMP_SPINCOUNT) is kept.
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"

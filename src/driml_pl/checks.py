@@ -134,6 +134,8 @@ def check_config(cfg: Any) -> None:
             "model.pair_hidden",
         )
     )
+    for key in ("torch_threads", "data.env.num_threads"):
+        require(key, lambda v: _number(v) and v >= 1, "an integer >= 1, or null for the default (docs/threads.md)")
     positive(("data.replay_ratio", "model.lr", "model.max_grad_norm", "model.score_clip"), kind="a number")
     require("data.env.num_levels", lambda v: _number(v) and v >= 0, "an integer >= 0 (0: unlimited levels)")
     require("data.env.start_level", lambda v: _number(v) and v >= 0, "an integer >= 0")
@@ -173,6 +175,7 @@ def check_config(cfg: Any) -> None:
     fits = f"at most data.replay_size={_show(replay_size)} (a batch is drawn from the replay)"
     require("data.batch_size", lambda v: not _number(replay_size) or v <= replay_size, fits)
     _check_replay_window(get)
+    check_hardware(get("trainer.accelerator"), get("trainer.devices"), get("data.replay_device"))
 
     # --- evaluation (issue 9)
     for key in ("data.eval_every_env_steps", "data.eval_test_levels", "data.eval_video_every"):
@@ -207,6 +210,81 @@ def _check_replay_window(get: Any) -> None:
         raise ConfigError("data.replay_size", replay_size, f"{holds}; at least {need} for these settings")
     key, value = ("data.n_step", n_step) if n_step >= k else ("data.horizon.k", k)
     raise ConfigError(key, value, f"{holds}; at most {largest} here, or raise data.replay_size")
+
+
+# ------------------------------------------------------------------------------------ accelerator and devices
+ACCELERATORS = ("auto", "cpu", "cuda", "gpu", "mps", "tpu")  # Lightning's names ("gpu": cuda, else mps)
+
+
+def _available_accelerators() -> tuple[str, ...]:
+    """The accelerator names that can run on this machine, in ACCELERATORS' order ("auto" and "cpu" always)."""
+    from pytorch_lightning.accelerators import AcceleratorRegistry
+
+    usable = {name for name in ("cuda", "mps", "tpu") if AcceleratorRegistry[name]["accelerator"].is_available()}
+    if usable & {"cuda", "mps"}:
+        usable.add("gpu")
+    return tuple(a for a in ACCELERATORS if a in {"auto", "cpu"} | usable)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_hardware(
+    accelerator: Any, devices: Any, replay_device: Any = _MISSING, available: Sequence[str] | None = None,
+    cuda_count: int | None = None,
+) -> None:  # fmt: skip
+    """Refuse an accelerator this machine lacks, devices it cannot give, and ``data.replay_device=cuda`` without a
+    CUDA learner, before Lightning's accelerator connector raises a MisconfigurationException traceback.
+
+    ``available`` (names) and ``cuda_count`` describe the machine; unset, they are read from it.
+    """
+    if not isinstance(accelerator, str):
+        return  # unset or an Accelerator instance: Lightning's own checks
+    available = tuple(_available_accelerators() if available is None else available)
+    if accelerator not in available:
+        what = f"{accelerator} is not usable on this machine" if accelerator in ACCELERATORS else "unknown accelerator"
+        if accelerator in ("cuda", "gpu") and "cuda" not in available:
+            what = "no CUDA GPU is visible here (torch.cuda.is_available() is false)"
+        raise ConfigError("trainer.accelerator", accelerator, f"{what}; usable here: {', '.join(available)}")
+    cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and "cuda" in available)
+    gpus = (_cuda_count() if cuda_count is None else cuda_count) if cuda else 0
+    if devices is not _MISSING and devices is not None and devices != "auto":
+        _check_devices(devices, gpus if cuda else None)
+    if replay_device == "cuda" and not cuda:
+        learner = "a CPU" if accelerator == "cpu" else f"the CPU (trainer.accelerator={accelerator}, no CUDA GPU here)"
+        raise ConfigError(
+            "data.replay_device", "cuda", f"cuda needs the learner on a CUDA GPU, but it runs on {learner}; "
+            "valid here: auto, cpu"
+        )  # fmt: skip
+
+
+def _check_devices(devices: Any, gpus: int | None) -> None:
+    """``trainer.devices`` for CPU processes (``gpus`` None: "auto" or a count >= 1) or for ``gpus`` CUDA devices."""
+    value = devices
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if gpus is None:
+        if not (_number(value) and value == int(value) and value >= 1):
+            raise ConfigError(
+                "trainer.devices", devices, "on the CPU, auto or a number of processes >= 1 (device indices "
+                "are for GPUs)"
+            )  # fmt: skip
+        return
+    here = f"this machine has {gpus} CUDA GPU(s)"
+    if _number(value):
+        if value == -1 or (value == int(value) and 1 <= value <= gpus):
+            return
+        raise ConfigError("trainer.devices", devices, f"{here}: auto, -1 (all), 1..{gpus} or a list of indices")
+    indices = value.split(",") if isinstance(value, str) else value
+    try:
+        wanted = [int(i) for i in indices if str(i).strip()]
+    except (TypeError, ValueError):
+        wanted = []
+    if not wanted or any(not 0 <= i < gpus for i in wanted):
+        raise ConfigError("trainer.devices", devices, f"{here}: auto, -1 (all), 1..{gpus} or indices in 0..{gpus - 1}")
 
 
 # ------------------------------------------------------------------------------------ jsonargparse's own errors

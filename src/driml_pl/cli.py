@@ -25,15 +25,17 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from rich.console import Console
 
 from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
 from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
-from driml_pl.checkpoint.resume import checkpoint_dir, last_checkpoint_in, resume_path
+from driml_pl.checkpoint.resume import checkpoint_dir, last_checkpoint, last_checkpoint_in, resume_path
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
 from driml_pl.data.datamodule import resume_settings
 from driml_pl.learner import DRIML, NonFiniteLossError
+from driml_pl.threads import set_torch_threads
 
 
 def _seed(seed_everything: bool | int) -> int:
@@ -45,6 +47,12 @@ def _seed(seed_everything: bool | int) -> int:
 def _next_version(logs: Path) -> str:
     taken = [int(p.name.split("_")[1]) for p in logs.glob("version_*") if p.name.split("_")[1].isdigit()]
     return f"version_{max(taken, default=-1) + 1}"
+
+
+def _run_root(config: Any) -> str:
+    """A parsed subcommand config's run directory, its ``{game}`` and ``{seed}`` filled in."""
+    root = str(config.trainer.get("default_root_dir") or "runs/driml")
+    return root.format(game=config.data.env.game, seed=config.seed_everything)
 
 
 def _is_adaptive(mode: str) -> bool:
@@ -92,6 +100,8 @@ class DRIMLCLI(LightningCLI):
             raise ValueError(describe_parse_error(str(err), argv, known)) from None
         self._check()
         self._check_resume()
+        self._check_eval_checkpoint()
+        set_torch_threads(self._subconfig_of(self.config).get("torch_threads"))  # before any tensor work
 
     def _check_resume(self) -> None:
         """``fit --ckpt_path``: the checkpoint must load without pickle, be complete and fit the settings; checked
@@ -102,13 +112,40 @@ class DRIMLCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if not ckpt_path:
             return
-        root = str(config.trainer.get("default_root_dir") or "runs/driml")
-        path = resume_path(ckpt_path, root.format(game=config.data.env.game, seed=config.seed_everything))
+        path = resume_path(ckpt_path, _run_root(config))
         if path is None:
             return  # `last` without a checkpoint yet: Lightning warns and starts afresh
         data = config.data
         check_resumable(path, resume_settings(data.env.game, data.env.num_envs, data.replay_size, data.frame_stack,
                                               None))  # fmt: skip
+
+    def _check_eval_checkpoint(self) -> None:
+        """``validate``/``test`` evaluate a checkpoint, never freshly initialised weights: without ``--ckpt_path``
+        they evaluate the run directory's own ``checkpoints/last.ckpt`` and say so in one line; with none there,
+        they are refused (before anything is written). ``--ckpt_path last`` names the same file."""
+        subcommand = self.config.get("subcommand")
+        if subcommand not in ("validate", "test"):
+            return
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path != "last":
+            return
+        path = last_checkpoint(_run_root(config))
+        if not path.is_file():
+            given = "last" if ckpt_path else None
+            raise ValueError(
+                f"ckpt_path={given} is not allowed: {subcommand} evaluates a checkpoint and {path} does not exist; "
+                f"give --ckpt_path PATH, or the run's --trainer.default_root_dir"
+            )
+        config.ckpt_path = str(path)
+        if not ckpt_path:
+            note = f"driml_pl: no --ckpt_path given: {subcommand} evaluates the run's checkpoint {path}"
+            print(note, file=sys.stderr)
+
+    @staticmethod
+    def _subconfig_of(config: Any) -> Any:
+        subcommand = config.get("subcommand")
+        return config[subcommand] if subcommand else config
 
     def _known_keys(self, subcommand: str | None) -> list[str]:
         parsers = getattr(self, "_subcommand_parsers", {})
@@ -150,6 +187,13 @@ class DRIMLCLI(LightningCLI):
             default=600.0,
             help="seconds a DDP rank waits in a collective for the others before the run fails (ddp strategies "
             "given by name; a strategy given as a class keeps its own timeout)",
+        )
+        parser.add_argument(
+            "--torch_threads",
+            type=int | None,
+            default=None,
+            help="torch intra-op threads of this process (each DDP rank); default: OMP_NUM_THREADS if set, else the "
+            "cores this process may use // DRIML_RUNS_PER_MACHINE (default 1). See docs/threads.md",
         )
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
@@ -302,6 +346,9 @@ def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"driml_pl: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except MisconfigurationException as err:  # Lightning's own refusal of a setting the checks above let through
+        print(f"driml_pl: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteLossError as err:  # a NaN/Inf loss during training: exit code 3
         print(f"driml_pl: error: {err}", file=sys.stderr)

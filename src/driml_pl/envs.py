@@ -28,6 +28,8 @@ class EnvConfig:
         distribution_mode: Procgen difficulty (paper: easy).
         use_sequential_levels: finishing a level continues the episode on the next seed (paper: true, spec §5.2).
         paint_vel_info: paint velocity bars into the frame (paper: true).
+        num_threads: Procgen's stepping threads for these envs; null (the default): as many as the run's torch
+            threads, at most 4 (Procgen's own default) and at most num_envs (`driml_pl.threads`).
     """
 
     game: str = "bigfish"
@@ -37,6 +39,7 @@ class EnvConfig:
     distribution_mode: str = "easy"
     use_sequential_levels: bool = True
     paint_vel_info: bool = True
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.game not in GAMES:
@@ -49,6 +52,8 @@ class EnvConfig:
             raise ValueError(f"env.num_envs must be >= 1, got {self.num_envs}")
         if self.num_levels < 0 or self.start_level < 0:
             raise ValueError("env.num_levels and env.start_level must be >= 0")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"env.num_threads must be >= 1 or null, got {self.num_threads}")
 
 
 class ProcgenVecEnv:
@@ -61,6 +66,8 @@ class ProcgenVecEnv:
 
     def __init__(self, config: EnvConfig, rand_seed: int) -> None:
         from procgen import ProcgenGym3Env  # imported late: importing procgen loads its native library
+
+        from driml_pl.threads import procgen_threads
 
         # gym3 builds each env inside cffi's dlopen; a garbage collection there that finalises an unreferenced old
         # env deadlocks on cffi's lock (seen in the test suite). Collect such envs first, outside dlopen.
@@ -76,6 +83,7 @@ class ProcgenVecEnv:
             use_sequential_levels=config.use_sequential_levels,
             paint_vel_info=config.paint_vel_info,
             rand_seed=int(rand_seed),
+            num_threads=procgen_threads(config.num_threads, config.num_envs),
         )
 
     def observe(self) -> np.ndarray:

@@ -132,7 +132,8 @@ def run_task(plan: str, index: int) -> int:
     """Start the runs of array task ``index`` of ``plan`` (decided again now) as parallel processes; wait for them.
 
     Each process gets its share of the task's GPUs (CUDA_VISIBLE_DEVICES), ``OMP_NUM_THREADS`` = its share of the CPU
-    cores unless already set, and appends its output to ``<run_dir>/launch.log``. A run whose directory is locked by
+    cores unless already set (its torch threads, and through them its Procgen threads: `driml_pl.threads`), and
+    appends its output to ``<run_dir>/launch.log``. A run whose directory is locked by
     another process (an earlier launch still running it) is left alone. Returns the largest exit code.
     """
     spec = json.loads(Path(plan).read_text())
