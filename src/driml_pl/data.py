@@ -31,14 +31,14 @@ from driml_pl.envs import NUM_ACTIONS, EnvConfig, ProcgenVecEnv, rank_seeds
 from driml_pl.horizon import Horizon, continuation_probs, nhg_from_uniforms
 from driml_pl.remap import effective_actions, visible_mask
 from driml_pl.replay import FrameReplay
-from driml_pl.types import Batch, ContinuationSource, GreedyPolicy, RolloutStats
+from driml_pl.types import Batch, ContinuationSource, GreedyPolicy, RolloutStats, StepBatch
 
 if TYPE_CHECKING:
     from driml_pl.checkpoint import StreamCheckpointer
     from driml_pl.evaluate import LevelSet
 
 REPLAY_DEVICES = ("auto", "cpu", "cuda")
-StepBatch = tuple[Batch, ...]  # the minibatches of one Lightning step, in order
+# issue 19 hook: StepBatch (what a Lightning step carries) now lives in driml_pl.types, imported above
 
 
 class ReplayStream(IterableDataset):

@@ -36,7 +36,7 @@ from driml_pl.graphs import GRAPH_COMPILE_MODES, GRAPH_PRECISIONS, StepAdam, Ste
 from driml_pl.losses import c51_cross_entropy, categorical_projection
 from driml_pl.networks import Features, QNetwork, preprocess
 from driml_pl.remap import effective_actions, visible_mask
-from driml_pl.types import Batch, RolloutStats
+from driml_pl.types import Batch, RolloutStats, step_minibatches
 
 # batches from the replay are already on the learner's device; the module's transfer hook (below) says so
 warnings.filterwarnings("ignore", message="You have overridden `transfer_batch_to_device` in `LightningModule`")
@@ -371,7 +371,7 @@ class DRIML(pl.LightningModule):
         """
         batch, _, _ = next(dataloader_iter)  # StopIteration ends the epoch
         batch = self.transfer_batch_to_device(batch, self.device, 0)
-        minibatches: tuple[Batch, ...] = (batch,) if isinstance(batch, Batch) else batch
+        minibatches = step_minibatches(batch)  # issue 19 hook: the one reader of a step's batch (types.py)
         for minibatch in minibatches:
             self.update(minibatch)
         last = minibatches[-1]
