@@ -42,6 +42,9 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_warn
 
+from driml_pl.diskfull import DiskFullError, UnitGuard, unit_bytes
+from driml_pl.interrupt import Interrupted, agree, announce
+
 if TYPE_CHECKING:
     from driml_pl.data import ReplayStream
     from driml_pl.replay import FrameReplay
@@ -493,17 +496,25 @@ class RunCheckpoint(ModelCheckpoint):
         self._sequence = 0
         self._pending_unit: str | None = None  # written, not yet committed
         self.terminated = False  # set after a SIGTERM checkpoint: the CLI exits with 143
+        # issue 19 hooks (driml_pl.interrupt, driml_pl.diskfull): Ctrl-C's checkpoint (exit 130), the unit's guard
+        self.interrupted = False  # set after the first Ctrl-C's checkpoint is due: the CLI exits with 130
+        self.committed: str | None = None  # the last committed unit: "<dir>/last.ckpt (update N)", for messages
+        self._guard: UnitGuard | None = None  # the written, not yet committed unit's guard
         self._slow = float(os.environ.get("DRIML_SLOW_UPDATES", "0"))  # test hook: seconds of sleep per step
 
     # signals -------------------------------------------------------------------------------------------
     def _handler(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and (self.interrupted or self._signal == signal.SIGINT):
+            raise Interrupted(self.committed)  # issue 19 hook: a second Ctrl-C stops at once (unit discarded)
         self._signal = signum
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_time = time.monotonic()
         self._last_updates = trainer.global_step
+        if trainer.ckpt_path and trainer.global_step > 0:  # resumed: that unit is the last good one
+            self.committed = f"{trainer.ckpt_path} (update {trainer.global_step})"
         if self.config.on_signal:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):  # issue 19: SIGINT (Ctrl-C) as well
                 with contextlib.suppress(ValueError):  # not the main thread: no handlers
                     self._previous_handlers[sig] = signal.signal(sig, self._handler)
 
@@ -524,10 +535,15 @@ class RunCheckpoint(ModelCheckpoint):
         cfg, updates = self.config, trainer.global_step
         due = cfg.every_n_updates > 0 and updates // cfg.every_n_updates > self._last_updates // cfg.every_n_updates
         due |= cfg.every_minutes > 0 and time.monotonic() - self._last_time >= 60 * cfg.every_minutes
-        sig, self._signal = self._signal, None
+        sig, self._signal = agree(trainer, self._signal), None  # issue 19 hook: one signal for all ranks
         if sig == signal.SIGTERM:
             self.terminated = True
             trainer.should_stop = True
+        if sig == signal.SIGINT:  # issue 19 hook: Ctrl-C is SIGTERM's checkpoint, then exit 130
+            self.interrupted = True
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                announce(updates, self.committed or "no checkpoint: none was written yet")
         if sig is not None or (due and not trainer.should_stop):  # at the budget's end, on_train_end writes it
             self.write_unit(trainer)
 
@@ -538,14 +554,19 @@ class RunCheckpoint(ModelCheckpoint):
         pass
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_handlers()
         self.commit_unit(trainer)
         if trainer.global_step > 0 and self._last_updates != trainer.global_step:
             self.write_unit(trainer)  # the end of the budget (or of max_steps)
             self.commit_unit(trainer)
+        self._restore_handlers()  # issue 19: after the last unit, so that a Ctrl-C while it is written is handled
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
+        if isinstance(exception, Interrupted | DiskFullError):  # issue 19 hook: stop now, write nothing more
+            if self._guard is not None:
+                self._guard.discard()  # a written, uncommitted unit goes too: last.ckpt stays the previous one
+            self._guard = self._pending_unit = None
+            return
         try:
             self.commit_unit(trainer)  # a unit written before the failure is complete
             if not self.config.on_exception or self._in_step or trainer.global_step == self._last_updates:
@@ -576,11 +597,13 @@ class RunCheckpoint(ModelCheckpoint):
         self._sequence += 1
         unit = f"u{trainer.global_step:012d}-{self._sequence:04d}-{int(time.time())}"
         writer = getattr(datamodule, "write_checkpoint_half", None)
-        if writer is not None:
-            writer(directory, unit)
-        trainer.strategy.barrier("driml_pl.checkpoint.halves")
-        trainer.save_checkpoint(directory / "last.ckpt.tmp", weights_only=False)  # every rank dumps; rank 0 writes
-        self._pending_unit = unit
+        guard = UnitGuard(directory, unit, trainer.global_rank, self.committed, unit_bytes(trainer))
+        with guard:  # issue 19 hook (driml_pl.diskfull): a failed write leaves no partial files; ENOSPC: one line
+            if writer is not None:
+                writer(directory, unit)
+            trainer.strategy.barrier("driml_pl.checkpoint.halves")
+            trainer.save_checkpoint(directory / "last.ckpt.tmp", weights_only=False)  # every rank dumps; rank 0 writes
+        self._pending_unit, self._guard = unit, guard
         self._last_time = time.monotonic()
         self._last_updates = trainer.global_step
 
@@ -590,13 +613,16 @@ class RunCheckpoint(ModelCheckpoint):
         if unit is None:
             return
         directory = self._directory(trainer)
-        for logger in trainer.loggers:
-            logger.save()  # every metric logged up to this step is on disk before the commit
+        guard, self._guard = self._guard, None
+        with guard or contextlib.nullcontext():  # issue 19 hook: a full disk here discards the unit (not committed)
+            for logger in trainer.loggers:
+                logger.save()  # every metric logged up to this step is on disk before the commit
+            if trainer.is_global_zero:
+                _inject_crash("before_commit")
+                tmp = directory / "last.ckpt.tmp"
+                with tmp.open("rb") as f:
+                    os.fsync(f.fileno())
         if trainer.is_global_zero:
-            _inject_crash("before_commit")
-            tmp = directory / "last.ckpt.tmp"
-            with tmp.open("rb") as f:
-                os.fsync(f.fileno())
             os.replace(tmp, directory / "last.ckpt")
             _fsync_dir(directory)
         trainer.strategy.barrier("driml_pl.checkpoint.commit")
@@ -605,6 +631,7 @@ class RunCheckpoint(ModelCheckpoint):
         if pruner is not None:
             pruner(unit)
         self.last_model_path = str(directory / "last.ckpt")
+        self.committed = f"{self.last_model_path} (update {int(unit[1:13])})"  # issue 19: for the one-line messages
 
 
 _UNITS = 0  # checkpoint units started by this process (for the test hook)
@@ -612,6 +639,7 @@ _UNITS = 0  # checkpoint units started by this process (for the test hook)
 
 def _inject_crash(moment: str) -> None:
     """Test hook: ``DRIML_CRASH_AT=<moment>`` SIGKILLs the process at that point (``mid_flush``, ``before_commit``,
-    ``after_commit``) of its ``DRIML_CRASH_AFTER``-th (default first) checkpoint unit."""
+    ``after_commit``) of its ``DRIML_CRASH_AFTER``-th (default first) checkpoint unit; ``DRIML_CRASH_SIGNAL=SIGINT``
+    sends that signal instead (issue 19: a Ctrl-C in the middle of a unit)."""
     if os.environ.get("DRIML_CRASH_AT") == moment and int(os.environ.get("DRIML_CRASH_AFTER", "1")) == _UNITS:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), getattr(signal, os.environ.get("DRIML_CRASH_SIGNAL", "SIGKILL")))
