@@ -172,11 +172,12 @@ def test_a_full_disk_stops_with_one_line_exit_28_no_partial_files_and_resumes(st
     line = last_line(err)
     match = re.fullmatch(
         rf"driml_pl: error: no space left on device writing the checkpoint of update 40 to {run / 'checkpoints'}"
-        r"(?: \(at [^)]*\))?: it needed about (?P<need>[\d.,]+) MB, (?P<free>[\d.,]+) MB were free; its partial "
+        r": it needed about (?P<need>[\d.,]+) MB, (?P<free>[\d.,]+) MB were free; its partial "
         rf"files were removed and the last good checkpoint is {ckpt} \(update 20\), left as it was; free space, then "
         r"resume with --ckpt_path last",
         line,
     )
+    print(f"\n{where}: {line}")
     assert match, line
     assert "Traceback" not in err
     needed, free = float(match["need"]), float(match["free"])
@@ -227,3 +228,24 @@ def test_the_lock_is_exclusive_released_on_exit_and_taken_by_global_rank_zero_on
         assert holds_run_lock() is holds, (name, value)
         monkeypatch.delenv(name)
     assert holds_run_lock()
+
+
+def test_each_stop_prints_one_line_and_its_documented_exit_code(capsys):
+    from driml_pl.diskfull import DiskFullError
+    from driml_pl.interrupt import Interrupted
+    from driml_pl.lifecycle import EXIT_CODES, stopped
+
+    assert stopped(DiskFullError("no space left on device writing ...")) == EXIT_CODES["disk full"] == 28
+    assert stopped(OSError(28, "No space left on device", "/run/logs/version_0/metrics.csv")) == 28
+    assert stopped(Interrupted("/run/checkpoints/last.ckpt (update 20)")) == EXIT_CODES["ctrl-c"] == 130
+    assert stopped(Interrupted(None)) == 130
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "driml_pl: error: no space left on device writing ...",
+        "driml_pl: error: no space left on device writing /run/logs/version_0/metrics.csv: the run stopped; free "
+        "space, then resume with --ckpt_path last (the last committed checkpoint is left as it was)",
+        "driml_pl: stopped at once by Ctrl-C; the last checkpoint is /run/checkpoints/last.ckpt (update 20), left as "
+        "it was",
+        "driml_pl: stopped at once by Ctrl-C; no checkpoint of this run was written",
+    ]
+    assert sorted(EXIT_CODES.values()) == [0, 1, 2, 3, 28, 130, 143]  # all distinct

@@ -151,6 +151,9 @@ class DRIMLProgressBar(ProgressBar):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop()
 
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop()  # Lightning skips teardown hooks then: end the Rich line before the CLI prints its last one
+
     def _stop(self) -> None:
         if self._progress is not None:
             self._progress.stop()

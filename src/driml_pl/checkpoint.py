@@ -543,7 +543,7 @@ class RunCheckpoint(ModelCheckpoint):
             self.interrupted = True
             trainer.should_stop = True
             if trainer.is_global_zero:
-                announce(updates, self.committed or "no checkpoint: none was written yet")
+                announce(updates, self.committed)
         if sig is not None or (due and not trainer.should_stop):  # at the budget's end, on_train_end writes it
             self.write_unit(trainer)
 

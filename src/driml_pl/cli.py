@@ -31,7 +31,7 @@ from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
 from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable, checkpoint_meta
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
-from driml_pl.diskfull import DiskFullError
+from driml_pl.diskfull import DiskFullError, is_disk_full
 from driml_pl.interrupt import Interrupted, on_ctrl_c
 from driml_pl.lifecycle import stopped
 from driml_pl.module import DRIML, NonFiniteLossError
@@ -323,6 +323,10 @@ def main(args: list[str] | None = None) -> None:
         print(f"driml_pl: error: {err}", file=sys.stderr)
         raise SystemExit(3) from None
     except (DiskFullError, Interrupted) as err:
+        raise SystemExit(stopped(err)) from None
+    except OSError as err:  # a full disk outside a checkpoint unit (the logs): one line too
+        if not is_disk_full(err):
+            raise
         raise SystemExit(stopped(err)) from None
     finally:
         release_fit_lock()

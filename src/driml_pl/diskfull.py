@@ -125,13 +125,25 @@ class UnitGuard:
         if is_disk_full(err):
             raise self.error(err) from None
 
+    def _elsewhere(self, err: BaseException | None, free: int) -> str:
+        """A full filesystem other than the checkpoint's (Lightning stages ``last.ckpt`` in the temporary directory
+        first): named when the failed file lies there and that filesystem has less room than the directory's."""
+        for name in (getattr(err, "filename", None), getattr(err, "filename2", None)):
+            if not name or str(name).startswith(str(self.directory)):
+                continue
+            folder = Path(str(name)).parent
+            with contextlib.suppress(OSError):
+                if os.stat(folder).st_dev != os.stat(self.directory).st_dev:
+                    other = shutil.disk_usage(folder).free
+                    if other < min(free, self.needed):
+                        return f" (staged through {name}, on a filesystem with {other / _MB:,.1f} MB free)"
+        return ""
+
     def error(self, err: BaseException | None = None) -> DiskFullError:
         """The one-line `DiskFullError` (after `discard`: what is free now is what the unit could have used)."""
         free = shutil.disk_usage(self.directory).free if self.directory.exists() else 0
         step = int(self.unit[1:13]) if self.unit[1:13].isdigit() else -1
-        path = getattr(err, "filename", None)
-        outside = path and not str(path).startswith(str(self.directory))  # e.g. a temporary file in /tmp
-        where = f"{self.directory}" + (f" (at {path})" if outside else "")
+        where = f"{self.directory}" + self._elsewhere(err, free)
         last = (
             f"the last good checkpoint is {self.describe_last}, left as it was"
             if self.describe_last

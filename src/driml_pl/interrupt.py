@@ -42,11 +42,12 @@ def on_ctrl_c(last_good: Callable[[], str | None]) -> None:
         signal.signal(signal.SIGINT, handler)
 
 
-def announce(step: int, committed: str) -> None:
+def announce(step: int, committed: str | None) -> None:
     """The first Ctrl-C's notice, printed when its checkpoint starts (a big replay takes a while to write)."""
+    again = f"keeps {committed}" if committed else "leaves no checkpoint (none was written yet)"
     print(
         f"driml_pl: Ctrl-C: writing the checkpoint of update {step:,}, then stopping (Ctrl-C again stops at once and "
-        f"keeps {committed})",
+        f"{again})",
         file=sys.stderr,
         flush=True,
     )

@@ -37,11 +37,20 @@ def stopped(why: Any) -> int:
     """Print the one line for a run that stopped early and return its exit code.
 
     Args:
-        why: a `DiskFullError`, an `Interrupted` (a second Ctrl-C, or one outside training), or the run's
-            `RunCheckpoint` after the first Ctrl-C's checkpoint was committed.
+        why: a `DiskFullError` (or an ENOSPC `OSError` outside a unit), an `Interrupted` (a second Ctrl-C, or one
+            outside training), or the run's `RunCheckpoint` after the first Ctrl-C's checkpoint was committed.
     """
     if isinstance(why, DiskFullError):
         print(f"driml_pl: error: {why}", file=sys.stderr, flush=True)
+        return diskfull.EXIT_CODE
+    if isinstance(why, OSError):  # ENOSPC outside a checkpoint unit: the logs, a video, the plot
+        where = f" writing {why.filename}" if why.filename else ""
+        print(
+            f"driml_pl: error: no space left on device{where}: the run stopped; free space, then resume with "
+            "--ckpt_path last (the last committed checkpoint is left as it was)",
+            file=sys.stderr,
+            flush=True,
+        )
         return diskfull.EXIT_CODE
     if isinstance(why, Interrupted):
         last = why.args[0] if why.args else None
