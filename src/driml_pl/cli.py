@@ -32,7 +32,7 @@ from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
 from driml_pl.diskfull import DiskFullError, is_disk_full
-from driml_pl.interrupt import Interrupted, on_ctrl_c
+from driml_pl.interrupt import Interrupted, on_ctrl_c, restore_ctrl_c
 from driml_pl.lifecycle import stopped
 from driml_pl.module import DRIML, NonFiniteLossError
 from driml_pl.runlock import hold_for_fit, holds_run_lock, refuse_if_locked, release_fit_lock
@@ -330,6 +330,7 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(stopped(err)) from None
     finally:
         release_fit_lock()
+        restore_ctrl_c()
     if any(getattr(c, "interrupted", False) for c in getattr(cli.trainer, "callbacks", [])):
         raise SystemExit(stopped(cli.trainer.checkpoint_callback))
     if any(getattr(c, "terminated", False) for c in getattr(cli.trainer, "callbacks", [])):

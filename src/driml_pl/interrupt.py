@@ -35,11 +35,28 @@ def on_ctrl_c(last_good: Callable[[], str | None]) -> None:
     """From now on (the CLI's ``before_fit``: env and replay setup, a resume's read, and after training) Ctrl-C stops
     at once, without Lightning's KeyboardInterrupt path; `RunCheckpoint` replaces the handler during training."""
 
+    global _PREVIOUS
+
     def handler(signum: int, frame: Any) -> None:
         raise Interrupted(last_good())
 
     with contextlib.suppress(ValueError):  # not the main thread: nothing to install
-        signal.signal(signal.SIGINT, handler)
+        previous = signal.signal(signal.SIGINT, handler)
+        if _PREVIOUS is None:
+            _PREVIOUS = previous
+
+
+def restore_ctrl_c() -> None:
+    """Give SIGINT back the handler it had before `on_ctrl_c` (the CLI's ``main`` on the way out: a Python session or
+    a test that called it gets its KeyboardInterrupt back)."""
+    global _PREVIOUS
+    if _PREVIOUS is not None:
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGINT, _PREVIOUS)
+        _PREVIOUS = None
+
+
+_PREVIOUS: Any = None  # SIGINT's handler before the fit's
 
 
 def announce(step: int, committed: str | None) -> None:
