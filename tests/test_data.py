@@ -14,8 +14,20 @@ from driml_pl.envs import EnvConfig
 from driml_pl.horizon import Horizon
 
 
-def random_policy(obs: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(len(obs), dtype=torch.int64)
+class FixedActor:
+    """A `types.Actor` that always picks action 0 (and a flat continuation matrix for DRIML-ada)."""
+
+    def __init__(self, adaptive: bool) -> None:
+        self.adaptive = adaptive
+
+    def refresh(self) -> None:
+        pass
+
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(obs), dtype=torch.int64)
+
+    def continuation(self) -> torch.Tensor:
+        return torch.full((15, 15), 0.5)
 
 
 def tiny_datamodule(**overrides) -> DRIMLDataModule:
@@ -34,7 +46,7 @@ def tiny_datamodule(**overrides) -> DRIMLDataModule:
     dm = DRIMLDataModule(**kwargs)
     dm.setup("fit")
     assert dm.stream is not None
-    dm.stream.bind(random_policy, (lambda: torch.full((15, 15), 0.5)) if dm.horizon.adaptive else None)
+    dm.stream.bind(FixedActor(dm.horizon.adaptive))
     return dm
 
 

@@ -17,7 +17,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
 
-from driml_pl.types import Batch
+from driml_pl.types import step_stats
 
 
 def _duration(seconds: float) -> str:
@@ -34,29 +34,41 @@ class DRIMLProgressBar(ProgressBar):
     updates/s, env steps/s and the mean return of the last 100 episodes.
 
     On a terminal it is a Rich bar redrawn at most every ``refresh_s`` seconds; otherwise (a batch job, a pipe) it
-    prints one plain line every ``log_every_s`` seconds and at the end. Per update the cost is one clock read; the
-    rates are measured over the last ``window_s`` seconds. ``--trainer.enable_progress_bar false`` turns it off.
+    prints one plain line every ``log_every_s`` seconds and at the end. During the run the counts are read from the
+    step's batch (`driml_pl.types.step_stats`: the env steps collected and the mean return when its last minibatch
+    was drawn), sampled at most once a second; the rates (and so the ETA) are measured over the last ``window_s``
+    seconds. The final line gives the whole run's mean rates (of this process: since the start or the resume) and
+    its elapsed time. ``--trainer.enable_progress_bar false`` turns it off.
 
     Args:
         refresh_s: seconds between redraws of the Rich bar.
         log_every_s: seconds between plain lines without a terminal.
         window_s: seconds over which the rates (and so the ETA) are measured.
         terminal: force the Rich bar (True) or plain lines (False); None: Rich iff stdout is a terminal.
+        console: the Rich console to draw on (default: a new one on stdout).
     """
 
     def __init__(
-        self, refresh_s: float = 0.5, log_every_s: float = 60.0, window_s: float = 60.0, terminal: bool | None = None
+        self,
+        refresh_s: float = 0.5,
+        log_every_s: float = 60.0,
+        window_s: float = 60.0,
+        terminal: bool | None = None,
+        console: Console | None = None,
     ) -> None:
         super().__init__()
         self.refresh_s, self.log_every_s, self.window_s, self.terminal = refresh_s, log_every_s, window_s, terminal
+        self.console = console
         self.total = 0  # the global env-step budget
         self.env_steps = 0
         self.lines: list[str] = []  # plain lines printed (kept for tests and post-mortems; one a minute)
         self._enabled = True
         self._progress: Progress | None = None
         self._task: TaskID | None = None
-        self._next = 0.0
-        self._samples: deque[tuple[float, int, int]] = deque()
+        self._next = 0.0  # next redraw / plain line
+        self._next_sample = 0.0
+        self._samples: deque[tuple[float, int, int]] = deque()  # (monotonic time, env steps, updates)
+        self._start: tuple[float, int, int] = (0.0, 0, 0)
         self._return = math.nan
         self._played: list[str] = []  # level sets evaluated in the current validation run
         self._eval_steps = -1
@@ -83,13 +95,19 @@ class DRIMLProgressBar(ProgressBar):
             print(*args, **kwargs, flush=True)
 
     # ----------------------------------------------------------------------------------------------- training
+    def _interval(self) -> float:
+        return self.refresh_s if self._progress is not None else self.log_every_s
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         datamodule = getattr(trainer, "datamodule", None)
         self.total = int(getattr(datamodule, "total_env_steps", 0))
         stream = getattr(datamodule, "stream", None)
         self.env_steps = int(stream.collector.env_steps) * trainer.world_size if stream is not None else 0
+        if stream is not None:
+            self._return = float(stream.collector.mean_return())
         now = time.monotonic()
-        self._samples = deque([(now, self.env_steps, trainer.global_step)])
+        self._start = (now, self.env_steps, trainer.global_step)
+        self._samples = deque([self._start])
         if not self._enabled:
             return
         terminal = sys.stdout.isatty() if self.terminal is None else self.terminal
@@ -99,22 +117,24 @@ class DRIMLProgressBar(ProgressBar):
                 BarColumn(),
                 TaskProgressColumn(),
                 TextColumn("{task.fields[info]}"),
-                console=Console(),
+                console=self.console or Console(),
                 auto_refresh=False,
             )
             self._progress.start()
             self._task = self._progress.add_task("run", total=self.total, completed=self.env_steps, info="")
-        self._next = now + (self.refresh_s if terminal else self.log_every_s)
+        self._next = self._next_sample = now + self._interval()
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         now = time.monotonic()
-        if now < self._next or not self._enabled:
-            return
-        self._next = now + (self.refresh_s if self._progress is not None else self.log_every_s)
+        if now < self._next_sample or not self._enabled:
+            return  # the cost on most steps: one clock read
+        self._next_sample = now + min(1.0, self._interval())
         self._read(trainer, batch, now)
-        self._show()
+        if now >= self._next:
+            self._next = now + self._interval()
+            self._show()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._enabled:
@@ -125,11 +145,14 @@ class DRIMLProgressBar(ProgressBar):
             self.env_steps = int(stream.collector.env_steps) * trainer.world_size
             self._return = float(stream.collector.mean_return())
         self._samples.append((time.monotonic(), self.env_steps, trainer.global_step))
-        self._show()
+        self._show(final=True)
         self._stop()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._stop()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._stop()  # Lightning skips teardown hooks then: end the Rich line before the CLI prints its last one
 
     def _stop(self) -> None:
         if self._progress is not None:
@@ -137,30 +160,33 @@ class DRIMLProgressBar(ProgressBar):
             self._progress = None
 
     def _read(self, trainer: pl.Trainer, batch: Any, now: float) -> None:
-        if isinstance(batch, Batch):
-            self.env_steps = int(batch.stats.env_steps) * trainer.world_size
-            self._return = float(batch.stats.episode_return)
+        stats = step_stats(batch)  # the step's minibatches (a tuple of Batch), not a bare Batch
+        if stats is not None:
+            self.env_steps = int(stats.env_steps) * trainer.world_size
+            self._return = float(stats.episode_return)
         self._samples.append((now, self.env_steps, trainer.global_step))
         while len(self._samples) > 2 and now - self._samples[1][0] >= self.window_s:
-            self._samples.popleft()
+            self._samples.popleft()  # the oldest kept sample is the newest one at least window_s old
 
-    def summary(self) -> str:
-        """``updates 1,234 (2.1/s) | 68 env steps/s | return 3.21 | elapsed 0:10:00 | ETA 8d 2:33:00``."""
-        (t0, e0, u0), (t1, e1, u1) = self._samples[0], self._samples[-1]
+    def summary(self, final: bool = False) -> str:
+        """Mid-run: ``updates 1,234 (2.1/s) | 68 env steps/s | return 3.21 | ETA 8d 2:33:00``, the rates over the
+        last ``window_s`` seconds. ``final``: the rates over the whole run and ``elapsed 0:10:00`` instead of the ETA.
+        """
+        (t0, e0, u0), (t1, e1, u1) = (self._start if final else self._samples[0]), self._samples[-1]
         dt = t1 - t0
         steps_rate = (e1 - e0) / dt if dt > 0 else math.nan
         updates_rate = (u1 - u0) / dt if dt > 0 else math.nan
         eta = (self.total - self.env_steps) / steps_rate if steps_rate > 0 else math.nan
         ret = "-" if math.isnan(self._return) else f"{self._return:.2f}"
-        return (
-            f"updates {u1:,} ({updates_rate:.1f}/s) | {steps_rate:,.0f} env steps/s | return {ret} | "
-            f"ETA {_duration(eta)}"
-        )
+        when = f"elapsed {_duration(t1 - self._start[0])}" if final else f"ETA {_duration(eta)}"
+        steps = "?" if math.isnan(steps_rate) else f"{steps_rate:,.0f}"
+        updates = "?" if math.isnan(updates_rate) else f"{updates_rate:.1f}"
+        return f"updates {u1:,} ({updates}/s) | {steps} env steps/s | return {ret} | {when}"
 
-    def _show(self) -> None:
+    def _show(self, final: bool = False) -> None:
         if not self._samples:
             return
-        info = self.summary()
+        info = self.summary(final)
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, completed=self.env_steps, info=info)
             self._progress.refresh()

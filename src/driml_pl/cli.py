@@ -30,11 +30,15 @@ from rich.console import Console
 
 from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
 from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
+from driml_pl.checkpoint.diskfull import DiskFullError, is_disk_full
 from driml_pl.checkpoint.resume import checkpoint_dir, last_checkpoint, last_checkpoint_in, resume_path
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
 from driml_pl.data.datamodule import resume_settings
+from driml_pl.interrupt import Interrupted, on_ctrl_c, restore_ctrl_c
 from driml_pl.learner import DRIML, NonFiniteLossError
+from driml_pl.lifecycle import stopped
+from driml_pl.runlock import hold_for_fit, holds_run_lock, refuse_if_locked, release_fit_lock
 from driml_pl.threads import set_torch_threads
 
 
@@ -101,7 +105,15 @@ class DRIMLCLI(LightningCLI):
         self._check()
         self._check_resume()
         self._check_eval_checkpoint()
+        self._check_run_lock()  # a run directory another live fit holds is refused here, in one line
         set_torch_threads(self._subconfig_of(self.config).get("torch_threads"))  # before any tensor work
+
+    def _check_run_lock(self) -> None:
+        """``fit`` of a run directory another live fit holds: refused before anything is printed or written (the
+        lock itself is taken in `_instantiate_trainer`, which refuses the same way if a fit took it in between)."""
+        if self.config.get("subcommand") != "fit" or not holds_run_lock():
+            return
+        refuse_if_locked(Path(_run_root(self.config["fit"])))
 
     def _check_resume(self) -> None:
         """``fit --ckpt_path``: the checkpoint must load without pickle, be complete and fit the settings; checked
@@ -217,6 +229,8 @@ class DRIMLCLI(LightningCLI):
         """
         root = Path(self._expand(str(config.get("default_root_dir") or "runs/driml")))
         config["default_root_dir"] = str(root)
+        if self.subcommand == "fit":
+            hold_for_fit(root)  # issue 19 hook (driml_pl.runlock): refused before anything is written, exit 2
         if config.get("logger") in (None, True):
             version = _next_version(root / "logs")
             loggers: list[Logger] = [
@@ -253,6 +267,8 @@ class DRIMLCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Check what can fail before anything is written; refuse to start a fresh run on another run's checkpoints."""
+        checkpoint = self.trainer.checkpoint_callback
+        on_ctrl_c(lambda: getattr(checkpoint, "committed", None))  # issue 19 hook (driml_pl.interrupt)
         self.datamodule.check_budget(self.trainer.world_size)
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path:
@@ -335,7 +351,7 @@ def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
             sys.argv[1:] = resolved
         else:
             args = resolved
-    try:
+    try:  # a full disk (exit 28), Ctrl-C (exit 130) and the run directory's lock (driml_pl.lifecycle)
         cli = DRIMLCLI(
             model,
             DRIMLDataModule,
@@ -353,6 +369,17 @@ def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
     except NonFiniteLossError as err:  # a NaN/Inf loss during training: exit code 3
         print(f"driml_pl: error: {err}", file=sys.stderr)
         raise SystemExit(3) from None
+    except (DiskFullError, Interrupted) as err:
+        raise SystemExit(stopped(err)) from None
+    except OSError as err:  # a full disk outside a checkpoint unit (the logs): one line too
+        if not is_disk_full(err):
+            raise
+        raise SystemExit(stopped(err)) from None
+    finally:
+        release_fit_lock()
+        restore_ctrl_c()
+    if any(getattr(c, "interrupted", False) for c in getattr(cli.trainer, "callbacks", [])):
+        raise SystemExit(stopped(cli.trainer.checkpoint_callback))
     if any(getattr(c, "terminated", False) for c in getattr(cli.trainer, "callbacks", [])):
         print("driml_pl: stopped by SIGTERM after writing a checkpoint; resume with --ckpt_path last", file=sys.stderr)
         raise SystemExit(143)

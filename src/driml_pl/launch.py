@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import os
 import shlex
@@ -36,6 +35,7 @@ import yaml
 from driml_pl import bundled
 from driml_pl.envs import GAMES
 from driml_pl.report import load_run
+from driml_pl.runlock import lock_holder
 from driml_pl.schedulers import minutes, submit_sbatch, submit_submitit
 
 METHODS: tuple[str, ...] = ("c51", "noact", "randk", "fix", "ada")  # conf/paper/<method>.yaml (bundled)
@@ -133,27 +133,24 @@ def run_task(plan: str, index: int) -> int:
 
     Each process gets its share of the task's GPUs (CUDA_VISIBLE_DEVICES), ``OMP_NUM_THREADS`` = its share of the CPU
     cores unless already set (its torch threads, and through them its Procgen threads: `driml_pl.threads`), and
-    appends its output to ``<run_dir>/launch.log``. A run whose directory is locked by
-    another process (an earlier launch still running it) is left alone. Returns the largest exit code.
+    appends its output to ``<run_dir>/launch.log``. A run whose directory a live fit holds (its run lock,
+    `driml_pl.runlock`: an earlier launch still running it) is left alone. Returns the largest exit code.
     """
     spec = json.loads(Path(plan).read_text())
     runs = [GridRun(**{**r, "overrides": tuple(r["overrides"])}) for r in spec["tasks"][index]]
     _forward_signals()
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
     cores = len(os.sched_getaffinity(0))
-    procs, locks = [], []
+    procs = []
     for i, run in enumerate(runs):
         status = run.status()
         if status == "finished":
             print(f"{run.name}: finished, skipped", flush=True)
             continue
         Path(run.run_dir).mkdir(parents=True, exist_ok=True)
-        lock = open(Path(run.run_dir) / ".grid.lock", "w")  # noqa: SIM115 (held until the run ends)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            print(f"{run.name}: running in another process, left alone", flush=True)
-            lock.close()
+        holder = lock_holder(run.run_dir)  # the fit's own run lock (driml_pl.runlock): one fit per run directory
+        if holder is not None:
+            print(f"{run.name}: running in another process ({holder}), left alone", flush=True)
             continue
         env = dict(os.environ)
         if visible:
@@ -168,13 +165,10 @@ def run_task(plan: str, index: int) -> int:
                                     preexec_fn=_ignore_usr2)  # fmt: skip
         procs.append((run, proc))
         _CHILDREN.append(proc)
-        locks.append(lock)  # <- where the launcher decides this run is being worked on (a run-dir lock later)
     codes = [0]
-    for run, proc in procs:
+    for run, proc in procs:  # a fit that lost a race for its run's lock to another process exits 2, writing nothing
         codes.append(proc.wait())
         print(f"{run.name}: exit code {codes[-1]}", flush=True)
-    for lock in locks:
-        lock.close()
     return max(codes)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor
 
@@ -44,7 +44,24 @@ class Batch(NamedTuple):
     pair_valid: Tensor | None = None
 
 
-StepBatch = tuple[Batch, ...]  # what one Lightning step carries: its minibatches, in order (the stream yields it)
+StepBatch = tuple[Batch, ...]
+"""What one Lightning training step carries: its ``data.updates_per_batch`` minibatches, in order (fewer at the end
+of the budget). The stream yields it, ``training_step`` consumes it, and Lightning hands it to every callback's
+``on_train_batch_end`` as ``batch``: read it with `step_minibatches` / `step_stats`, never as a bare `Batch`."""
+
+
+def step_minibatches(batch: Batch | StepBatch) -> StepBatch:
+    """The minibatches of a step (a bare `Batch`, as a unit test may pass, is a step of one)."""
+    return (batch,) if isinstance(batch, Batch) else batch  # Batch is a NamedTuple: tested before tuples
+
+
+def step_stats(batch: Any) -> RolloutStats | None:
+    """The rollout statistics after a step: those of its last minibatch; None for anything that is not a step."""
+    if isinstance(batch, Batch):
+        return batch.stats
+    if isinstance(batch, tuple) and batch and all(isinstance(b, Batch) for b in batch):
+        return batch[-1].stats
+    return None
 
 
 class GreedyPolicy(Protocol):

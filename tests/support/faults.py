@@ -19,7 +19,7 @@ Faults and their seams:
 * ``crash_at=mid_flush|before_commit|after_commit, crash_after=U``: SIGKILL in the U-th checkpoint unit this process
   writes: half-way through its first file (seam: `driml_pl.checkpoint.format.write_npy`), right before the commit's
   rename (seam: `driml_pl.checkpoint.format.commit_file`), or right after the commit, before pruning (seam:
-  `RunCheckpoint.prune`).
+  `RunCheckpoint.prune`). ``crash_signal=SIGINT`` sends a Ctrl-C there instead of the SIGKILL.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class Faults:
     slow: float = 0.0
     crash_at: str | None = None
     crash_after: int = 1
+    crash_signal: str = "SIGKILL"  # what the crash sends (SIGINT: a Ctrl-C at that moment)
 
 
 def _rank() -> int:
@@ -90,10 +91,10 @@ def install(faults: Faults, patch: Patch = setattr) -> None:
         patch(RunCheckpoint, "on_train_batch_end", slow_batch_end)
 
     if faults.crash_at is not None:
-        _install_crash(faults.crash_at, faults.crash_after, patch)
+        _install_crash(faults.crash_at, faults.crash_after, getattr(signal, faults.crash_signal), patch)
 
 
-def _install_crash(moment: str, after: int, patch: Patch) -> None:
+def _install_crash(moment: str, after: int, sig: int, patch: Patch) -> None:
     from driml_pl.checkpoint import format
     from driml_pl.checkpoint.callback import RunCheckpoint
 
@@ -107,7 +108,8 @@ def _install_crash(moment: str, after: int, patch: Patch) -> None:
     patch(RunCheckpoint, "write_unit", counted_write_unit)
 
     def kill() -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), sig)
+        time.sleep(1)  # a Python handler (SIGINT) runs here; the write then goes on, unless the handler raised
 
     if moment == "mid_flush":
         write_npy = format.write_npy
@@ -116,12 +118,12 @@ def _install_crash(moment: str, after: int, patch: Patch) -> None:
             if units[0] != after:
                 return write_npy(path, array)
             data = (array.cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)).tobytes()
-            with path.open("wb") as f:  # half of the file's bytes are on disk when the process dies
+            with path.open("wb") as f:  # half of the file's bytes are on disk when the signal comes
                 f.write(data[: len(data) // 2])
                 f.flush()
                 os.fsync(f.fileno())
             kill()
-            raise AssertionError("unreachable")
+            return write_npy(path, array)
 
         patch(format, "write_npy", half_then_kill)
     elif moment == "before_commit":

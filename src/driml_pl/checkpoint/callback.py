@@ -1,8 +1,11 @@
 """When the checkpoint unit is written, and by whom: `RunCheckpoint`, a Lightning callback.
 
 A unit is written every ``checkpoint.every_n_updates`` updates, every ``checkpoint.every_minutes``, on SIGTERM
-(then exit 143) and SIGUSR1 (the run goes on), after an exception outside a training step, and at the end of the
-budget. Writing one (`RunCheckpoint.write_unit`, on every rank): the finite-loss check, this rank's half
+(then exit 143), SIGINT (Ctrl-C: then exit 130; a second Ctrl-C stops at once) and SIGUSR1 (the run goes on),
+after an exception outside a training step, and at the end of the budget. A failed write leaves no partial files,
+and a full disk ends the run in one line (exit 28, `driml_pl.checkpoint.diskfull`).
+
+Writing one (`RunCheckpoint.write_unit`, on every rank): the finite-loss check, this rank's half
 (`StreamCheckpointer`: the replay's new slots and the stream state), a barrier, ``last.ckpt.tmp`` (rank 0 writes;
 it carries the unit pointer, `UNIT_KEY`); the commit (`commit_unit`) renames it over ``last.ckpt`` at the start of
 the next step, once that step's metrics are on disk, and only then are older units pruned. On resume the callback
@@ -24,9 +27,11 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 
 from driml_pl.checkpoint import format
+from driml_pl.checkpoint.diskfull import DiskFullError, UnitGuard, unit_bytes
 from driml_pl.checkpoint.format import CheckpointError, StreamCheckpointer
 from driml_pl.checkpoint.resume import UNIT_KEY, last_checkpoint_in, unit_pointer
 from driml_pl.data import DRIMLDataModule, ReplayStream
+from driml_pl.interrupt import Interrupted, agree, announce
 from driml_pl.types import FiniteGuarded
 
 
@@ -76,18 +81,27 @@ class RunCheckpoint(ModelCheckpoint):
         self._sequence = 0
         self._pending_unit: str | None = None  # written, not yet committed
         self.terminated = False  # set after a SIGTERM checkpoint: the CLI exits with 143
+        self.interrupted = False  # set after the first Ctrl-C's checkpoint is due: the CLI exits with 130
+        self.committed: str | None = None  # the last committed unit: "<dir>/last.ckpt (update N)", for messages
+        self._guard: UnitGuard | None = (
+            None  # the written, not yet committed unit's guard (`driml_pl.checkpoint.diskfull`)
+        )
         self._half: StreamCheckpointer | None = None  # this rank's half of the unit
         self._unit: str | None = None  # the unit this run last wrote or resumed from
 
     # signals -------------------------------------------------------------------------------------------
     def _handler(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and (self.interrupted or self._signal == signal.SIGINT):
+            raise Interrupted(self.committed)  # a second Ctrl-C stops at once (the unit being written is discarded)
         self._signal = signum
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_time = time.monotonic()
         self._last_updates = trainer.global_step
+        if trainer.ckpt_path and trainer.global_step > 0:  # resumed: that unit is the last good one
+            self.committed = f"{trainer.ckpt_path} (update {trainer.global_step})"
         if self.config.on_signal:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 with contextlib.suppress(ValueError):  # not the main thread: no handlers
                     self._previous_handlers[sig] = signal.signal(sig, self._handler)
 
@@ -106,10 +120,15 @@ class RunCheckpoint(ModelCheckpoint):
         cfg, updates = self.config, trainer.global_step
         due = cfg.every_n_updates > 0 and updates // cfg.every_n_updates > self._last_updates // cfg.every_n_updates
         due |= cfg.every_minutes > 0 and time.monotonic() - self._last_time >= 60 * cfg.every_minutes
-        sig, self._signal = self._signal, None
+        sig, self._signal = agree(trainer, self._signal), None  # one signal for all ranks
         if sig == signal.SIGTERM:
             self.terminated = True
             trainer.should_stop = True
+        if sig == signal.SIGINT:  # Ctrl-C is SIGTERM's checkpoint, then exit 130
+            self.interrupted = True
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                announce(updates, self.committed)
         if sig is not None or (due and not trainer.should_stop):  # at the budget's end, on_train_end writes it
             self.write_unit(trainer)
 
@@ -120,14 +139,19 @@ class RunCheckpoint(ModelCheckpoint):
         pass
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._restore_handlers()
         self.commit_unit(trainer)
         if trainer.global_step > 0 and self._last_updates != trainer.global_step:
             self.write_unit(trainer)  # the end of the budget (or of max_steps)
             self.commit_unit(trainer)
+        self._restore_handlers()  # after the last unit, so that a Ctrl-C while it is written is handled
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_handlers()
+        if isinstance(exception, Interrupted | DiskFullError):  # stop now, write nothing more
+            if self._guard is not None:
+                self._guard.discard()  # a written, uncommitted unit goes too: last.ckpt stays the previous one
+            self._guard = self._pending_unit = None
+            return
         try:
             self.commit_unit(trainer)  # a unit written before the failure is complete
             if not self.config.on_exception or self._in_step or trainer.global_step == self._last_updates:
@@ -155,12 +179,14 @@ class RunCheckpoint(ModelCheckpoint):
         self._sequence += 1
         unit = f"u{trainer.global_step:012d}-{self._sequence:04d}-{int(time.time())}"
         stream = _stream(trainer)
-        if stream is not None:  # this rank's half: its stream state and the replay slots added since the last unit
-            self._rank_half(trainer, directory).write(stream, unit, trainer.global_step, _settings(trainer))
-            self._unit = unit
-        trainer.strategy.barrier("driml_pl.checkpoint.halves")
-        trainer.save_checkpoint(directory / "last.ckpt.tmp", weights_only=False)  # every rank dumps; rank 0 writes
-        self._pending_unit = unit
+        guard = UnitGuard(directory, unit, trainer.global_rank, self.committed, unit_bytes(trainer))
+        with guard:  # a failed write leaves no partial files; a full disk ends the run in one line
+            if stream is not None:  # this rank's half: its stream state and the replay slots added since the last
+                self._rank_half(trainer, directory).write(stream, unit, trainer.global_step, _settings(trainer))
+                self._unit = unit
+            trainer.strategy.barrier("driml_pl.checkpoint.halves")
+            trainer.save_checkpoint(directory / "last.ckpt.tmp", weights_only=False)  # every rank dumps; rank 0 writes
+        self._pending_unit, self._guard = unit, guard
         self._last_time = time.monotonic()
         self._last_updates = trainer.global_step
 
@@ -170,13 +196,19 @@ class RunCheckpoint(ModelCheckpoint):
         if unit is None:
             return
         directory = self._directory(trainer)
-        for logger in trainer.loggers:
-            logger.save()  # every metric logged up to this step is on disk before the commit
+        tmp = directory / "last.ckpt.tmp"
+        guard, self._guard = self._guard, None
+        with guard or contextlib.nullcontext():  # a full disk here discards the unit (it is not committed)
+            for logger in trainer.loggers:
+                logger.save()  # every metric logged up to this step is on disk before the commit
+            if trainer.is_global_zero:
+                format.flush_file(tmp)
         if trainer.is_global_zero:
-            format.commit_file(directory / "last.ckpt.tmp", last_checkpoint_in(directory))
+            format.commit_file(tmp, last_checkpoint_in(directory))
         trainer.strategy.barrier("driml_pl.checkpoint.commit")
         self.prune(unit)
         self.last_model_path = str(last_checkpoint_in(directory))
+        self.committed = f"{self.last_model_path} (update {int(unit[1:13])})"  # for the one-line messages
 
     def prune(self, unit: str) -> None:
         """Delete this rank's units other than the committed ``unit`` and the segments it no longer references."""

@@ -399,9 +399,13 @@ def check_segment_sizes(root: Path, replay: dict[str, Any]) -> None:
                 raise CheckpointError(f"checkpoint file {path} is truncated or has trailing bytes")
 
 
+def flush_file(path: Path) -> None:
+    """``path``'s bytes on the disk (before the commit renames it)."""
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
 def commit_file(tmp: Path, final: Path) -> None:
     """The commit of a unit: ``tmp`` (complete, flushed) atomically replaces ``final``; the rename is made durable."""
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
     os.replace(tmp, final)
     fsync_dir(final.parent)
