@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 X_KEYS = ("rollout/env_steps", "eval/env_steps")
 RETURNS = {
@@ -27,6 +29,12 @@ RETURNS = {
 PLOT_NAME = "plot.png"
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def format_env_steps(ax: Axes, nbins: int = 6) -> None:
+    """Env-step x axis that reads at a glance: at most ``nbins`` ticks labelled 0, 50k, 100k, 1.5M, 50M."""
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=nbins, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
 
 
 def read_rows(run: Path) -> list[dict[str, str]]:
