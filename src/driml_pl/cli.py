@@ -22,7 +22,7 @@ from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.callbacks.progress import ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from rich.console import Console
@@ -31,6 +31,7 @@ from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
 from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable, checkpoint_meta
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
+from driml_pl.loggers import EnvStepsTensorBoardLogger
 from driml_pl.module import DRIML, NonFiniteLossError
 
 
@@ -180,7 +181,7 @@ class DRIMLCLI(LightningCLI):
             version = _next_version(root / "logs")
             loggers: list[Logger] = [
                 CSVLogger(root, name="logs", version=version),
-                TensorBoardLogger(root, name="logs", version=version),
+                EnvStepsTensorBoardLogger(root, name="logs", version=version),  # x axis: env steps
             ]
             project = self._subconfig().get("wandb_project")
             if project:
