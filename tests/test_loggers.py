@@ -210,3 +210,22 @@ def test_wandb_offline_run_holds_config_metrics_and_videos(logged: Path) -> None
         for path in files:
             count, codec, _, _ = video.mp4_info(path)
             assert codec.startswith("h264") and 1 <= count <= 25
+
+
+def test_run_plot_reference_lines(tmp_path: Path) -> None:
+    from driml_pl.plots import plot_run, references
+
+    version = tmp_path / "run" / "logs" / "version_0"
+    version.mkdir(parents=True)
+    env = {"game": "fruitbot", "num_levels": 1, "start_level": 0, "distribution_mode": "easy"}
+    model = {"lambda_ll": 0.0, "lambda_lg": 0.0, "lambda_gl": 0.0, "lambda_gg": 0.0}
+    (version / "config.yaml").write_text(json.dumps({"model": model, "data": {"env": env}}))  # JSON is YAML
+    (version / "metrics.csv").write_text("rollout/env_steps,rollout/episode_return,step\n1000,-3.0,1\n2000,-2.0,2\n")
+    # the quickstart level set's random-policy return (README "Learning") and the paper's fruitbot C51 value
+    assert references(tmp_path / "run") == {"random policy": -3.37, "paper C51, 50M env steps": 3.86}
+    env["num_levels"] = 200  # a level set without a measured random policy: only the paper's line
+    (version / "config.yaml").write_text(json.dumps({"model": {**model, "lambda_gg": 1.0},
+                                                     "data": {"env": env, "horizon": {"mode": "fixed"}}}))  # fmt: skip
+    assert references(tmp_path / "run") == {"paper DRIML-fix, 50M env steps": 5.4}
+    with Image.open(plot_run(tmp_path / "run")) as image:
+        assert image.format == "PNG" and image.size == (1500, 440)
