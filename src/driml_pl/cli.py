@@ -172,8 +172,8 @@ class DRIMLCLI(LightningCLI):
         version; nothing is overwritten). ``<root>/checkpoints/`` holds the checkpoint unit (`driml_pl.checkpoint`):
         last.ckpt, written every ``checkpoint.every_n_updates`` updates, on signals and at the end of the budget, plus
         every rank's stream state and replay segments.
-        ``<root>/videos/`` holds evaluation GIFs, ``<root>/plot.png`` the run's plot. The run's progress bar is added
-        unless ``enable_progress_bar`` is false (or another bar is given).
+        ``<root>/videos/`` holds evaluation videos (MP4; GIF without imageio-ffmpeg), ``<root>/plot.png`` the run's
+        plot. The run's progress bar is added unless ``enable_progress_bar`` is false (or another bar is given).
         """
         root = Path(self._expand(str(config.get("default_root_dir") or "runs/driml")))
         config["default_root_dir"] = str(root)
