@@ -310,8 +310,21 @@ def test_report_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     out = tmp_path / "out"
     for bad, needle in ((["--random-return", "jumpr=1"], "'jumpr' is not a Procgen game"),
                         (["--random-return", "jumper=low"], "'low' is not a number"),
-                        (["--reps", "5"], "--reps 5 is not allowed")):  # fmt: skip
+                        (["--reps", "5"], "--reps 5 is not allowed"),
+                        (["--up-to", "0"], "--up-to 0 is not allowed")):  # fmt: skip
         assert main([str(root), "--out", str(out), *bad]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("driml_pl: error: ") and needle in err[0]
         assert not out.exists()
+
+
+def test_up_to_scores_every_run_at_equal_env_steps(runs_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cut"
+    blob = _report(runs_root, out, "--up-to", "500")
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "**Scored on the logs up to 500 env steps** (`--up-to`)" in text
+    # _curve: rows at 100..1000 return 0 before 900 env steps, so up to 500 every run scores 0 (the resumed coinrun
+    # C51 seed 1 returns 100 on 100-400 and 0 at 500: its last 10% of 500 env steps is the row at 500)
+    assert blob["per_game"]["jumper"]["C51"]["scores"] == [0.0, 0.0, 0.0]
+    assert blob["per_game"]["coinrun"]["C51"]["scores"] == [0.0, 0.0, 0.0]
+    assert f"| {runs_root / 'coinrun-C51-s0'} | coinrun | C51 | 0 | 0.000 | 500 / 1,000 |" in text

@@ -12,7 +12,7 @@ import csv
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -297,9 +297,16 @@ def _parse_random(values: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def truncate(run: Run, env_steps: int) -> Run:
+    """The run as if its logs stopped at ``env_steps`` (rows past it dropped; the budget is kept)."""
+    keep = run.env_steps <= env_steps
+    return replace(run, env_steps=run.env_steps[keep], returns=run.returns[keep])
+
+
 def write_report(
-    runs: Sequence[Run], out_dir: str | Path, random_returns: Mapping[str, float] | None = None, reps: int = 2000
-) -> list[Path]:
+    runs: Sequence[Run], out_dir: str | Path, random_returns: Mapping[str, float] | None = None, reps: int = 2000,
+    up_to: int | None = None,
+) -> list[Path]:  # fmt: skip
     """Write ``report.md`` (the paper table, interval estimates, missing data), ``intervals.json`` and the PNGs:
     ``curves_<game>.png`` per game with logged returns, and per normalisation ``intervals_<norm>.png``,
     ``profiles_<norm>.png``, ``sample_efficiency_<norm>.png``, plus ``improvement.png`` with C51 and another method.
@@ -310,10 +317,17 @@ def write_report(
     from driml_pl.report_intervals import interval_section, random_return
 
     given = dict(random_returns or {})
+    if up_to is not None:
+        runs = [truncate(r, up_to) for r in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     section, results, per_game = interval_section(runs, given, reps)
     table = _markdown(runs)
+    if up_to is not None:
+        title, _, rest = table.partition("\n\n")
+        note = (f"**Scored on the logs up to {up_to:,} env steps** (`--up-to`): rows past it are ignored, so runs "
+                "that stopped at different points compare at equal env steps.")  # fmt: skip
+        table = f"{title}\n\n{note}\n\n{rest}"
     head, sep, tail = table.partition("\n## Missing data")
     written = [out / "report.md", out / "intervals.json"]
     written[0].write_text(head + "\n".join(section) + "\n" + sep + tail, encoding="utf-8")
@@ -344,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dirs", nargs="+", help="run directories, or folders holding several")
     parser.add_argument("--out", default="report", help="where report.md and the PNGs go (default: ./report)")
     parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples per interval (default 2000)")
+    parser.add_argument(
+        "--up-to",
+        type=int,
+        default=None,
+        metavar="ENV_STEPS",
+        help="score every run on its logs up to ENV_STEPS (compare unfinished runs at equal env steps)",
+    )
     parser.add_argument("--random-return", action="append", default=[], metavar="GAME=RETURN",
                         help="a random policy's mean return on GAME (0 of the fixed-reference normalisation; "
                         "overrides the built-in table)")  # fmt: skip
@@ -352,10 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.reps < 100:
             raise ValueError(f"--reps {args.reps} is not allowed: at least 100 bootstrap resamples")
         given = _parse_random(args.random_return)
+        if args.up_to is not None and args.up_to <= 0:
+            raise ValueError(f"--up-to {args.up_to} is not allowed: a positive number of env steps")
         runs = [load_run(d) for d in find_run_dirs(args.run_dirs)]
     except (ValueError, OSError, yaml.YAMLError) as err:
         print(f"driml_pl: error: {err}", file=sys.stderr)
         return 2
-    for path in write_report(runs, args.out, given, args.reps):
+    for path in write_report(runs, args.out, given, args.reps, args.up_to):
         print(path)
     return 0
