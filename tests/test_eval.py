@@ -140,7 +140,7 @@ def test_periodic_and_final_evaluation_logs_both_level_sets(runs):
 @pytest.mark.slow
 def test_videos_plot_and_progress_bar(runs):
     cli, with_eval, _ = runs
-    videos = sorted((with_eval / "videos").glob("*.gif"))
+    videos = sorted((with_eval / "videos").glob("*.mp4"))
     # videos every 2nd period of 128 env steps (at 256) and at the budget's end, for both level sets
     names = [p.name.split("_return")[0] for p in videos]
     assert names == [f"eval_{s}_step{n:010d}" for s in ("test_levels", "train_levels") for n in (256, 384)]
@@ -161,6 +161,6 @@ def test_validate_prints_a_table_and_batch_jobs_can_turn_the_bar_off(runs, capsy
     out = capsys.readouterr().out
     assert "training levels" in out and "held-out levels" in out and "0-19" in out and "20-29" in out
     assert "1.12 +- 1.03" in out  # the paper's bigfish DRIML-randk number
-    assert len(list((tmp_path / "val" / "videos").glob("eval_*_update*.gif"))) == 2
+    assert len(list((tmp_path / "val" / "videos").glob("eval_*_update*.mp4"))) == 2
     main(tiny_args(tmp_path / "quiet", budget=128, **{"--trainer.enable_progress_bar": "false"}))
     assert (tmp_path / "quiet" / "checkpoints" / "last.ckpt").is_file()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import yaml
+from scipy import stats
 
 from driml_pl.envs import GAMES
 from driml_pl.report import METHODS, PAPER_TABLE, Run, classify, load_run, main, normalised_scores
@@ -158,9 +160,12 @@ def test_load_resumed_run(runs_root: Path) -> None:
 
 def test_report_end_to_end(runs_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
-    assert main([str(runs_root), "--out", str(out)]) == 0
+    assert main([str(runs_root), "--out", str(out), "--reps", "200"]) == 0
     printed = capsys.readouterr().out.split()
-    assert printed == [str(out / "report.md"), str(out / "curves_coinrun.png"), str(out / "curves_jumper.png")]
+    pngs = ["curves_coinrun.png", "curves_jumper.png", "intervals_minmax.png", "profiles_minmax.png",
+            "sample_efficiency_minmax.png", "improvement.png"]  # fmt: skip
+    # no random-policy return is known for these runs' level sets: no fixed-reference normalisation, no PNGs for it
+    assert printed == [str(out / name) for name in ("report.md", "intervals.json", *pngs)]
     text = (out / "report.md").read_text(encoding="utf-8")
     lines = text.splitlines()
     assert "| Env | C51 | DRIML-noact | DRIML-fix |" in lines
@@ -189,8 +194,137 @@ def test_report_end_to_end(runs_root: Path, tmp_path: Path, capsys: pytest.Captu
 
 def test_single_run_dir_and_errors(runs_root: Path, tmp_path: Path) -> None:
     out = tmp_path / "single"
-    assert main([str(runs_root / "jumper-C51-s0"), "--out", str(out)]) == 0
+    assert main([str(runs_root / "jumper-C51-s0"), "--out", str(out), "--reps", "200"]) == 0
     text = (out / "report.md").read_text(encoding="utf-8")
     assert "| jumper | 3.00±0.00 (1 seed) / 13.22±0.83 |" in text
     assert "Norm. score (ours) not computed" in text  # a single method ties with itself on every game
-    assert main([str(tmp_path / "nothing-here"), "--out", str(out)]) == 1
+    assert main([str(tmp_path / "nothing-here"), "--out", str(out)]) == 2
+
+
+# ------------------------------------------------------------------------------------------ interval estimates
+def _study(root: Path, finals: dict[tuple[str, str], list[float]]) -> Path:
+    for (game, method), scores in finals.items():
+        for seed, final in enumerate(scores):
+            _write_run(root / f"{game}-{method}-s{seed}", game, method, seed, [_curve(final, 1000)])
+    return root
+
+
+def _report(root: Path, out: Path, *extra: str) -> dict[str, Any]:
+    assert main([str(root), "--out", str(out), "--reps", "300", *extra]) == 0
+    return json.loads((out / "intervals.json").read_text())
+
+
+def _hand_iqm(values: np.ndarray) -> float:
+    """The interquartile mean by hand: sort, drop the lowest and highest quarter, average the middle half."""
+    x = np.sort(np.ravel(values))
+    cut = len(x) // 4
+    assert cut * 4 == len(x)  # only sizes where the quarter is a whole number of values
+    return float(x[cut : len(x) - cut].mean())
+
+
+def test_improvement_known_answers(tmp_path: Path) -> None:
+    c51 = {"coinrun": [10.0, 12.0, 8.0, 11.0], "jumper": [3.0, 3.5, 6.0, 4.0]}
+    finals: dict[tuple[str, str], list[float]] = {}
+    for game, scores in c51.items():
+        finals[game, "C51"] = scores
+        finals[game, "DRIML-fix"] = [s + 20.0 for s in scores]  # beats every C51 run on every game
+        finals[game, "DRIML-noact"] = list(scores)  # an identical copy
+    blob = _report(_study(tmp_path / "runs", finals), tmp_path / "out")
+    better = blob["minmax"]["improvement_over_C51"]["DRIML-fix"]
+    assert better["point"] == 1.0 and better["ci"] == [1.0, 1.0]  # every resample keeps every pair ordered
+    same = blob["minmax"]["improvement_over_C51"]["DRIML-noact"]
+    assert same["point"] == 0.5
+    assert same["ci"][0] < 0.5 < same["ci"][1]
+    for game in c51:  # and per game, on raw returns
+        assert blob["per_game"][game]["DRIML-fix"]["improvement_over_C51"]["point"] == 1.0
+        assert blob["per_game"][game]["DRIML-noact"]["improvement_over_C51"]["point"] == 0.5
+    text = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "| DRIML-fix | 1.00 [1.00, 1.00] |" in text
+    assert (tmp_path / "out" / "improvement.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_iqm_mean_and_curves_against_hand_computations(tmp_path: Path) -> None:
+    finals = {
+        ("coinrun", "C51"): [1.0, 9.0, 3.0, 7.0, 5.0, 2.0, 8.0, 4.0],
+        ("jumper", "C51"): [2.0, 0.0, 1.0, 12.0, 3.0, 5.0, 4.0, 6.0],
+        ("coinrun", "DRIML-fix"): [6.0, 6.5, 7.0, 20.0, 5.5, 6.0, 7.5, 8.0],
+        ("jumper", "DRIML-fix"): [4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5],
+    }
+    random = {"coinrun": 1.0, "jumper": 2.0}
+    blob = _report(_study(tmp_path / "runs", finals), tmp_path / "out",
+                   *[f"--random-return={g}={v}" for g, v in random.items()])  # fmt: skip
+    fixed = blob["random"]
+    assert fixed["games"] == ["coinrun", "jumper"] and fixed["runs"] == {"C51": 8, "DRIML-fix": 8}
+    for method in ("C51", "DRIML-fix"):
+        # fixed references: 0 = the given random return, 1 = the paper's C51 (29.7 on coinrun, 13.22 on jumper)
+        norm = np.array([[(row[j] - random[g]) / (PAPER_TABLE[g]["C51"][0] - random[g]) for j, g in enumerate(random)]
+                         for row in zip(*(finals[g, method] for g in random), strict=True)])  # fmt: skip
+        iqm = fixed["aggregates"][method]["IQM"]
+        assert iqm["point"] == pytest.approx(_hand_iqm(norm))
+        assert iqm["point"] == pytest.approx(float(stats.trim_mean(norm, 0.25, axis=None)))
+        assert iqm["ci"][0] <= iqm["point"] <= iqm["ci"][1] and iqm["ci"][0] < iqm["ci"][1]
+        assert fixed["aggregates"][method]["mean"]["point"] == pytest.approx(norm.mean())
+        assert fixed["aggregates"][method]["median"]["point"] == pytest.approx(np.median(norm.mean(axis=0)))
+        gap = fixed["aggregates"][method]["optimality gap"]["point"]
+        assert gap == pytest.approx(1.0 - np.minimum(norm, 1.0).mean())
+        # performance profile: the fraction of the 16 runs x games above each tau
+        for tau, frac in zip(fixed["profile_taus"], fixed["profiles"][method], strict=True):
+            assert frac == pytest.approx(np.mean(norm > tau))
+        # the sample-efficiency curve's last point (1,000 env steps) is each run's last logged return: final + 1
+        steps = fixed["curve_env_steps"]
+        assert steps[0] == 100 and steps[-1] == 1000 and len(steps) == 25
+        assert fixed["curves"][method][-1] == pytest.approx(_hand_iqm(norm + np.array([1 / 28.7, 1 / 11.22])))
+        assert fixed["curves"][method][0] == pytest.approx(_hand_iqm(-np.array([[1 / 28.7, 2 / 11.22]] * 8)))
+    # the paper's min-max: per game 0 = the worse method's mean, 1 = the better's
+    mm = blob["minmax"]
+    lo = {g: min(np.mean(finals[g, m]) for m in ("C51", "DRIML-fix")) for g in random}
+    hi = {g: max(np.mean(finals[g, m]) for m in ("C51", "DRIML-fix")) for g in random}
+    fix = np.array([[(row[j] - lo[g]) / (hi[g] - lo[g]) for j, g in enumerate(random)]
+                    for row in zip(*(finals[g, "DRIML-fix"] for g in random), strict=True)])  # fmt: skip
+    assert mm["aggregates"]["DRIML-fix"]["mean"]["point"] == pytest.approx(1.0)
+    assert mm["aggregates"]["C51"]["mean"]["point"] == pytest.approx(0.0, abs=1e-12)
+    assert mm["aggregates"]["DRIML-fix"]["IQM"]["point"] == pytest.approx(_hand_iqm(fix))
+    for name in ("intervals", "profiles", "sample_efficiency"):
+        for norm_name in ("minmax", "random"):
+            assert (tmp_path / "out" / f"{name}_{norm_name}.png").stat().st_size > 5000
+
+
+def test_one_game_and_one_seed_say_so(tmp_path: Path) -> None:
+    finals = {("jumper", "C51"): [3.0, 5.0, 4.0], ("jumper", "DRIML-fix"): [7.0]}
+    blob = _report(_study(tmp_path / "runs", finals), tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "- One game (jumper): every aggregate below is that game's interval" in text
+    assert blob["minmax"]["aggregates"]["DRIML-fix"]["IQM"] == {"point": 1.0, "ci": None}
+    assert blob["minmax"]["aggregates"]["C51"]["IQM"]["ci"] is not None
+    assert "| DRIML-fix | 1 x 1 | 1.00 (n=1: no interval) |" in text
+    assert "| DRIML-fix | 1.00 (n=1: no interval) |" in text  # P(improvement) needs 2 runs of each
+    per_game = blob["per_game"]["jumper"]
+    assert per_game["C51"]["mean"]["point"] == pytest.approx(4.0) and per_game["C51"]["runs"] == 3
+    low, high = per_game["C51"]["mean"]["ci"]
+    assert 3.0 <= low < 4.0 < high <= 5.0  # a bootstrap of the mean of (3, 5, 4) stays inside [3, 5]
+    assert "| jumper | C51 | 3 | 4.00 [" in text and "| jumper | DRIML-fix | 1 | 7.00 (n=1: no interval)" in text
+
+
+def test_report_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = _study(tmp_path / "runs", {("jumper", "C51"): [3.0, 4.0]})
+    out = tmp_path / "out"
+    for bad, needle in ((["--random-return", "jumpr=1"], "'jumpr' is not a Procgen game"),
+                        (["--random-return", "jumper=low"], "'low' is not a number"),
+                        (["--reps", "5"], "--reps 5 is not allowed"),
+                        (["--up-to", "0"], "--up-to 0 is not allowed")):  # fmt: skip
+        assert main([str(root), "--out", str(out), *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("driml_pl: error: ") and needle in err[0]
+        assert not out.exists()
+
+
+def test_up_to_scores_every_run_at_equal_env_steps(runs_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cut"
+    blob = _report(runs_root, out, "--up-to", "500")
+    text = (out / "report.md").read_text(encoding="utf-8")
+    assert "**Scored on the logs up to 500 env steps** (`--up-to`)" in text
+    # _curve: rows at 100..1000 return 0 before 900 env steps, so up to 500 every run scores 0 (the resumed coinrun
+    # C51 seed 1 returns 100 on 100-400 and 0 at 500: its last 10% of 500 env steps is the row at 500)
+    assert blob["per_game"]["jumper"]["C51"]["scores"] == [0.0, 0.0, 0.0]
+    assert blob["per_game"]["coinrun"]["C51"]["scores"] == [0.0, 0.0, 0.0]
+    assert f"| {runs_root / 'coinrun-C51-s0'} | coinrun | C51 | 0 | 0.000 | 500 / 1,000 |" in text

@@ -12,7 +12,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks.progress import ProgressBar
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskID, TaskProgressColumn, TextColumn
@@ -241,8 +241,10 @@ class DRIMLProgressBar(ProgressBar):
 
 
 class EvalVideos(Callback):
-    """Writes the recorded evaluation episode of each level set (``data.eval_video_every``) as a GIF to
-    ``<run>/videos/<eval|test>_<level set>_step<env steps>_return<R>.gif``, and to TensorBoard when it logs.
+    """Writes the recorded evaluation episode of each level set (``data.eval_video_every``) to
+    ``<run>/videos/<eval|test>_<level set>_step<env steps>_return<R>.mp4`` (H.264; ``.gif`` where imageio-ffmpeg is
+    missing, `driml_pl.video`), to TensorBoard as an animated GIF under ``<eval|test>/<level set>_video``, and to W&B
+    as the MP4 under the same key, when those loggers are on.
 
     R is the episode's return (up to the step cap); the video holds at most ``data.eval_video_frames`` frames.
     """
@@ -275,19 +277,22 @@ class EvalVideos(Callback):
     def _write(self, trainer: pl.Trainer, prefix: str, batch: Any) -> None:
         if not trainer.is_global_zero or not isinstance(batch, dict) or "frames" not in batch:
             return
-        from driml_pl.video import tensorboard_gif_summary, write_gif
+        from driml_pl.video import tensorboard_gif_summary, write_video
 
         frames = batch["frames"].cpu().numpy()
         ret = float(batch["episode_return"][0])
         steps = int(batch["env_steps"])
         when = f"step{steps:010d}" if steps >= 0 else f"update{trainer.global_step:08d}"
-        name = f"{prefix}_{batch['level_set']}_{when}_return{ret:+.2f}.gif"
-        self.written.append(write_gif(frames, Path(trainer.default_root_dir) / "videos" / name))
+        stem = Path(trainer.default_root_dir) / "videos" / f"{prefix}_{batch['level_set']}_{when}_return{ret:+.2f}"
+        path = write_video(frames, stem)
+        self.written.append(path)
+        tag = f"{prefix}/{batch['level_set']}_video"
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                summary = tensorboard_gif_summary(f"{prefix}/{batch['level_set']}_video", frames)
+            if isinstance(logger, TensorBoardLogger):  # TensorBoard plays GIFs, not MP4
                 writer = logger.experiment._get_file_writer()
-                writer.add_summary(summary, max(steps, trainer.global_step))
+                writer.add_summary(tensorboard_gif_summary(tag, frames), max(steps, trainer.global_step))
+            elif isinstance(logger, WandbLogger):  # the file itself: W&B plays MP4 (and GIF)
+                logger.log_video(tag, [str(path)], step=trainer.global_step)
 
 
 class RunPlot(Callback):

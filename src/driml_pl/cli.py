@@ -22,7 +22,7 @@ from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.callbacks.progress import ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import CSVLogger, Logger, TensorBoardLogger
+from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.strategies import DDPStrategy, StrategyRegistry
 from pytorch_lightning.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -38,6 +38,7 @@ from driml_pl.data.datamodule import resume_settings
 from driml_pl.interrupt import Interrupted, on_ctrl_c, restore_ctrl_c
 from driml_pl.learner import DRIML, NonFiniteLossError
 from driml_pl.lifecycle import stopped
+from driml_pl.loggers import EnvStepsTensorBoardLogger
 from driml_pl.runlock import hold_for_fit, holds_run_lock, refuse_if_locked, release_fit_lock
 from driml_pl.threads import set_torch_threads
 
@@ -224,8 +225,8 @@ class DRIMLCLI(LightningCLI):
         version; nothing is overwritten). ``<root>/checkpoints/`` holds the checkpoint unit (`driml_pl.checkpoint`):
         last.ckpt, written every ``checkpoint.every_n_updates`` updates, on signals and at the end of the budget, plus
         every rank's stream state and replay segments.
-        ``<root>/videos/`` holds evaluation GIFs, ``<root>/plot.png`` the run's plot. The run's progress bar is added
-        unless ``enable_progress_bar`` is false (or another bar is given).
+        ``<root>/videos/`` holds evaluation videos (MP4; GIF without imageio-ffmpeg), ``<root>/plot.png`` the run's
+        plot. The run's progress bar is added unless ``enable_progress_bar`` is false (or another bar is given).
         """
         root = Path(self._expand(str(config.get("default_root_dir") or "runs/driml")))
         config["default_root_dir"] = str(root)
@@ -235,7 +236,7 @@ class DRIMLCLI(LightningCLI):
             version = _next_version(root / "logs")
             loggers: list[Logger] = [
                 CSVLogger(root, name="logs", version=version),
-                TensorBoardLogger(root, name="logs", version=version),
+                EnvStepsTensorBoardLogger(root, name="logs", version=version),  # x axis: env steps
             ]
             project = self._subconfig().get("wandb_project")
             if project:

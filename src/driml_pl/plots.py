@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import yaml
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter, MaxNLocator
 
 X_KEYS = ("rollout/env_steps", "eval/env_steps")
 RETURNS = {
@@ -27,6 +30,12 @@ RETURNS = {
 PLOT_NAME = "plot.png"
 
 Series = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def format_env_steps(ax: Axes, nbins: int = 6) -> None:
+    """Env-step x axis that reads at a glance: at most ``nbins`` ticks labelled 0, 50k, 100k, 1.5M, 50M."""
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=nbins, steps=[1, 2, 2.5, 5, 10]))
+    ax.xaxis.set_major_formatter(EngFormatter(sep=""))
 
 
 def read_rows(run: Path) -> list[dict[str, str]]:
@@ -80,27 +89,61 @@ def extract_series(rows: Sequence[dict[str, str]]) -> Series:
     return out
 
 
-def plot_series(series: Series, title: str, out: Path) -> Path:
-    """Draw the three panels and write the PNG (atomically)."""
-    fig = Figure(figsize=(15, 4.2), layout="constrained")
+def references(run: Path) -> dict[str, float]:
+    """Horizontal reference lines for the run's return panel, from its last config: the random policy's return on
+    its level set (`driml_pl.report.RANDOM_RETURNS`, where known) and the paper's 50M-step value for its game and
+    method. Empty when the config cannot be read."""
+    from driml_pl.report import PAPER_TABLE, RANDOM_RETURNS, classify
+
+    configs = sorted((run / "logs").glob("version_*/config.yaml"), key=lambda p: int(p.parent.name.split("_")[1]))
+    try:
+        config = yaml.safe_load(configs[-1].read_text()) or {}
+        env = config["data"]["env"]
+        game, method = env["game"], classify(config)
+        levels, start = int(env.get("num_levels", 0)), int(env.get("start_level", 0))
+        key = (game, levels, start, str(env.get("distribution_mode", "easy")))
+    except (IndexError, KeyError, TypeError, ValueError, OSError, yaml.YAMLError):
+        return {}
+    out = {}
+    if key in RANDOM_RETURNS:
+        out["random policy"] = RANDOM_RETURNS[key][0]
+    if game in PAPER_TABLE:
+        out[f"paper {method}, 50M env steps"] = PAPER_TABLE[game][method][0]
+    return out
+
+
+def plot_series(series: Series, title: str, out: Path, refs: dict[str, float] | None = None) -> Path:
+    """Draw the three panels (returns with the reference lines ``refs``, C51 loss, InfoNCE losses) and write the PNG
+    (atomically)."""
+    fig = Figure(figsize=(15, 4.4), layout="constrained")
     FigureCanvasAgg(fig)
     ret, c51, nce = fig.subplots(1, 3)
     for key, label in RETURNS.items():
         if key in series:
             x, y = series[key]
             marker = "o" if key.startswith("eval/") else None
-            (line,) = ret.plot(x, y, label=label, marker=marker, markersize=3)
             std = series.get(f"{key}_std")
-            if std is not None and len(std[0]) == len(x):
+            band = std is not None and len(std[0]) == len(x)
+            (line,) = ret.plot(x, y, label=label + (" ±1 std" if band else ""), marker=marker, markersize=4)
+            if std is not None and band:
                 ret.fill_between(x, y - std[1], y + std[1], alpha=0.2, color=line.get_color())
-    ret.set(title="return", xlabel="env steps")
+    for name, value in (refs or {}).items():
+        style = ":" if name.startswith("random") else "--"
+        ret.axhline(value, color="0.35", linestyle=style, linewidth=1.2, label=f"{name} ({value:+.2f})")
+    ret.set(title="return", xlabel="env steps", ylabel="episode return")
     if "train/c51_loss" in series:
         c51.plot(*series["train/c51_loss"], color="tab:red")
     c51.set(title="C51 loss", xlabel="env steps")
     for key in sorted(k for k in series if k.startswith("train/nce_")):
         nce.plot(*series[key], label=key.removeprefix("train/"))
     nce.set(title="InfoNCE losses", xlabel="env steps")
-    for ax in (ret, nce):
+    for ax, what in ((ret, "no return logged yet"), (c51, "no C51 loss logged"), (nce, "no InfoNCE term (C51)")):
+        if not ax.has_data():
+            ax.text(0.5, 0.5, what, ha="center", va="center", transform=ax.transAxes, color="0.4")
+            ax.set(xticks=[], yticks=[])
+            continue
+        format_env_steps(ax)
+        ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
     fig.suptitle(title)
@@ -116,7 +159,7 @@ def plot_run(run: Path, out: Path | None = None) -> Path:
     rows = read_rows(run)
     if not rows:
         raise FileNotFoundError(f"{run} holds no logs/version_*/metrics.csv")
-    return plot_series(extract_series(rows), str(run), out or run / PLOT_NAME)
+    return plot_series(extract_series(rows), str(run), out or run / PLOT_NAME, references(run))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

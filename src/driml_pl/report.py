@@ -12,14 +12,12 @@ import csv
 import math
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from driml_pl.envs import GAMES
 
@@ -47,6 +45,12 @@ PAPER_TABLE: dict[str, dict[str, tuple[float, float]]] = {
 }
 """The paper's v3 Procgen table (spec §7.1): {game: {method: (mean, std)}} after 50M env steps."""
 FINAL_FRACTION = 0.1  # a run's score averages the last 10% of the env steps it reached
+RANDOM_RETURNS: dict[tuple[str, int, int, str], tuple[float, str]] = {
+    ("fruitbot", 1, 0, "easy"): (-3.37, "benchmarks/random_policy.py on conf/quickstart.yaml, seed 0, 192k env steps"),
+}
+"""Mean episode return of a uniformly random policy, by (game, num_levels, start_level, distribution_mode), with its
+source: the fixed 0 of the ``random`` normalisation and the plots' random-policy line. Extend with measured values
+(``benchmarks/random_policy.py --config ...``) or pass ``report --random-return GAME=VALUE``."""
 
 
 def normalised_scores(
@@ -125,6 +129,7 @@ class Run:
         path: the run directory.
         game, method, seed: from the config (method via `classify`).
         total_env_steps: the budget, ``data.total_env_steps``.
+        setting: (num_levels, start_level, distribution_mode) of ``data.env``, the key of `RANDOM_RETURNS`.
         env_steps, returns: the ``rollout/env_steps`` and ``rollout/episode_return`` of every row holding both, over
             all versions in order; rows of an earlier version at or past the first env step its resume logged were
             redone after the resume and are dropped (counted in ``superseded``).
@@ -138,6 +143,7 @@ class Run:
     env_steps: np.ndarray
     returns: np.ndarray
     superseded: int = 0
+    setting: tuple[int, int, str] | None = None
 
     @property
     def max_env_steps(self) -> float:
@@ -192,12 +198,14 @@ def load_run(run_dir: str | Path) -> Run:
             superseded += len(steps) - keep
             steps, returns = steps[:keep] + new_steps, returns[:keep] + new_returns
     game, seed, total = (_get(config, k) for k in ("data.env.game", "seed_everything", "data.total_env_steps"))
+    levels, start, mode = (_get(config, f"data.env.{k}") for k in ("num_levels", "start_level", "distribution_mode"))
+    setting = None if levels is None else (int(levels), int(start or 0), str(mode or "easy"))
     if game not in GAMES:
         raise ValueError(f"{versions[-1]}: data.env.game {game!r} is not a Procgen game")
     return Run(
         path=run_dir, game=game, method=classify(config), seed=None if seed is None else int(seed),
         total_env_steps=None if total is None else int(total), env_steps=np.asarray(steps, dtype=np.float64),
-        returns=np.asarray(returns, dtype=np.float64), superseded=superseded,
+        returns=np.asarray(returns, dtype=np.float64), superseded=superseded, setting=setting,
     )  # fmt: skip
 
 
@@ -276,41 +284,71 @@ def _markdown(runs: Sequence[Run]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot_game(game: str, runs: Sequence[Run], path: Path) -> None:
-    fig = Figure(figsize=(7, 4.5))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for i, method in enumerate(m for m in METHODS if any(r.method == m for r in runs)):
-        curves = [r for r in runs if r.method == method]
-        grid = np.linspace(min(r.env_steps.min() for r in curves), max(r.max_env_steps for r in curves), 200)
-        # each seed is interpolated inside its own range only; the band covers the seeds present at each x
-        ys = np.array([np.where((grid >= r.env_steps.min()) & (grid <= r.max_env_steps),
-                                np.interp(grid, r.env_steps, r.returns), np.nan) for r in curves])  # fmt: skip
-        present = ~np.isnan(ys)
-        count = np.maximum(present.sum(axis=0), 1)
-        mean = np.where(present.any(axis=0), np.where(present, ys, 0.0).sum(axis=0) / count, np.nan)
-        std = np.sqrt(np.where(present, (ys - mean) ** 2, 0.0).sum(axis=0) / count)
-        color = f"C{i}"
-        ax.plot(grid, mean, color=color, label=f"{method} (ours, {len(curves)} seeds)")
-        ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
-        paper = PAPER_TABLE[game][method][0]
-        ax.axhline(paper, color=color, linestyle="--", linewidth=1, label=f"{method} (paper, 50M)")
-    ax.set(title=game, xlabel="env steps", ylabel="episode return")
-    ax.legend(fontsize="small")
-    fig.savefig(path, dpi=100)
+def _parse_random(values: Sequence[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for value in values:
+        game, _, number = value.partition("=")
+        if game not in GAMES:
+            raise ValueError(f"--random-return {value!r}: {game!r} is not a Procgen game; valid: {', '.join(GAMES)}")
+        try:
+            out[game] = float(number)
+        except ValueError:
+            raise ValueError(f"--random-return {value!r}: {number!r} is not a number (GAME=RETURN)") from None
+    return out
 
 
-def write_report(runs: Sequence[Run], out_dir: str | Path) -> list[Path]:
-    """Write ``report.md`` and one ``curves_<game>.png`` per game with logged returns; return the written paths."""
+def truncate(run: Run, env_steps: int) -> Run:
+    """The run as if its logs stopped at ``env_steps`` (rows past it dropped; the budget is kept)."""
+    keep = run.env_steps <= env_steps
+    return replace(run, env_steps=run.env_steps[keep], returns=run.returns[keep])
+
+
+def write_report(
+    runs: Sequence[Run], out_dir: str | Path, random_returns: Mapping[str, float] | None = None, reps: int = 2000,
+    up_to: int | None = None,
+) -> list[Path]:  # fmt: skip
+    """Write ``report.md`` (the paper table, interval estimates, missing data), ``intervals.json`` and the PNGs:
+    ``curves_<game>.png`` per game with logged returns, and per normalisation ``intervals_<norm>.png``,
+    ``profiles_<norm>.png``, ``sample_efficiency_<norm>.png``, plus ``improvement.png`` with C51 and another method.
+    Returns the written paths."""
+    import json
+
+    from driml_pl import report_figures as figs
+    from driml_pl.report_intervals import interval_section, random_return
+
+    given = dict(random_returns or {})
+    if up_to is not None:
+        runs = [truncate(r, up_to) for r in runs]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / "report.md"]
-    written[0].write_text(_markdown(runs), encoding="utf-8")
+    section, results, per_game = interval_section(runs, given, reps)
+    table = _markdown(runs)
+    if up_to is not None:
+        title, _, rest = table.partition("\n\n")
+        note = (f"**Scored on the logs up to {up_to:,} env steps** (`--up-to`): rows past it are ignored, so runs "
+                "that stopped at different points compare at equal env steps.")  # fmt: skip
+        table = f"{title}\n\n{note}\n\n{rest}"
+    head, sep, tail = table.partition("\n## Missing data")
+    written = [out / "report.md", out / "intervals.json"]
+    written[0].write_text(head + "\n".join(section) + "\n" + sep + tail, encoding="utf-8")
+    blob = {"reps": reps, "per_game": per_game, **{n: r.to_json() for n, r in results.items()}}
+    written[1].write_text(json.dumps(blob, indent=1) + "\n", encoding="utf-8")
     for game in GAMES:
         game_runs = [r for r in runs if r.game == game and r.env_steps.size]
         if game_runs:
-            written.append(out / f"curves_{game}.png")
-            _plot_game(game, game_runs, written[-1])
+            known = random_return(game, game_runs, given)
+            written.append(figs.plot_game(game, game_runs, None if known is None else known[0],
+                                          out / f"curves_{game}.png"))  # fmt: skip
+    labels = {"minmax": "min-max over methods", "random": "0 = random, 1 = paper C51"}
+    for norm, res in results.items():
+        written.append(figs.plot_intervals(res, labels[norm], out / f"intervals_{norm}.png"))
+        written.append(figs.plot_profiles(res, labels[norm], out / f"profiles_{norm}.png"))
+        if res.curve_steps is not None:
+            written.append(figs.plot_sample_efficiency(res, labels[norm], out / f"sample_efficiency_{norm}.png"))
+    if results:
+        res = next(iter(results.values()))
+        if res.improvement:
+            written.append(figs.plot_improvement(res, out / "improvement.png"))
     return written
 
 
@@ -319,12 +357,28 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="driml_pl report", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("run_dirs", nargs="+", help="run directories, or folders holding several")
     parser.add_argument("--out", default="report", help="where report.md and the PNGs go (default: ./report)")
+    parser.add_argument("--reps", type=int, default=2000, help="bootstrap resamples per interval (default 2000)")
+    parser.add_argument(
+        "--up-to",
+        type=int,
+        default=None,
+        metavar="ENV_STEPS",
+        help="score every run on its logs up to ENV_STEPS (compare unfinished runs at equal env steps)",
+    )
+    parser.add_argument("--random-return", action="append", default=[], metavar="GAME=RETURN",
+                        help="a random policy's mean return on GAME (0 of the fixed-reference normalisation; "
+                        "overrides the built-in table)")  # fmt: skip
     args = parser.parse_args(argv)
     try:
+        if args.reps < 100:
+            raise ValueError(f"--reps {args.reps} is not allowed: at least 100 bootstrap resamples")
+        given = _parse_random(args.random_return)
+        if args.up_to is not None and args.up_to <= 0:
+            raise ValueError(f"--up-to {args.up_to} is not allowed: a positive number of env steps")
         runs = [load_run(d) for d in find_run_dirs(args.run_dirs)]
     except (ValueError, OSError, yaml.YAMLError) as err:
-        print(f"driml_pl report: error: {err}", file=sys.stderr)
-        return 1
-    for path in write_report(runs, args.out):
+        print(f"driml_pl: error: {err}", file=sys.stderr)
+        return 2
+    for path in write_report(runs, args.out, given, args.reps, args.up_to):
         print(path)
     return 0
