@@ -60,7 +60,7 @@ def kept(ckpt: Path, step: int) -> str:
 def assert_only_the_committed_unit(checkpoints: Path) -> None:
     """The directory holds last.ckpt, the one unit it names and exactly the segments that unit references: no
     last.ckpt.tmp, no temporary directory, no other unit, no stray segment."""
-    unit = final_state(checkpoints.parent)["DRIMLDataModule"]["unit"]
+    unit = final_state(checkpoints.parent)["driml_unit"]["unit"]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "replay", "units"]
     assert [p.name for p in (checkpoints / "units").iterdir()] == [unit]
     assert [p.name for p in (checkpoints / "units" / unit).iterdir()] == ["rank0"]
