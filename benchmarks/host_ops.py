@@ -23,11 +23,11 @@ import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import driml_pl.graphs
 import pytorch_lightning as pl
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
+import driml_pl.learner.graphs
 from driml_pl.data import DRIMLDataModule, ReplayStream
 from driml_pl.envs import EnvConfig
 from driml_pl.learner import DRIML
@@ -120,7 +120,7 @@ def main() -> None:
 
         return call
 
-    graph_call = driml_pl.graphs.StepGraph.__call__
+    graph_call = driml_pl.learner.graphs.StepGraph.__call__
 
     def step_graph(self: Any) -> Any:
         with probe.region():
@@ -135,7 +135,7 @@ def main() -> None:
             backward(self, loss, *args, **kwargs)
 
     torch.compile = compiled  # type: ignore[assignment]
-    driml_pl.graphs.StepGraph.__call__ = step_graph
+    driml_pl.learner.graphs.StepGraph.__call__ = step_graph
     DRIML.manual_backward = manual_backward
     undo = [probe.wrap(ReplayStream, "next_batches", "data"), probe.wrap(DRIML, "update", "update")]
     rows = []
@@ -152,7 +152,7 @@ def main() -> None:
     for restore in undo:
         restore()
     torch.compile, DRIML.manual_backward = compile_, backward
-    driml_pl.graphs.StepGraph.__call__ = graph_call
+    driml_pl.learner.graphs.StepGraph.__call__ = graph_call
     print(f"\n## Host-dispatched tensor operations per update ({UPDATES} updates, torch {torch.__version__})\n")
     print("| configuration | data path | update | total |\n|---|---|---|---|")
     for name, data, update in rows:

@@ -148,7 +148,7 @@ EXPECTED_VARIANT = {
 
 @pytest.mark.parametrize("variant", sorted(EXPECTED_VARIANT))
 def test_every_paper_variant_runs_end_to_end_and_is_classified(tmp_path, variant):
-    from driml_pl.report import classify
+    from driml_pl.tools.report import classify
 
     root = tmp_path / "{game}" / "seed{seed}"
     seed = 2 if variant == "ada" else 0  # DRIML-ada's A and negative shuffles follow the run's seed

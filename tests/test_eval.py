@@ -16,7 +16,7 @@ from PIL import Image
 from driml_pl.cli import DRIML, DRIMLCLI, TRAINER_DEFAULTS, DRIMLDataModule, main
 from driml_pl.data.evaluation import LevelSet, play_episodes
 from driml_pl.envs import EnvConfig
-from driml_pl.plots import extract_series, plot_run, read_rows
+from driml_pl.tools.plots import extract_series, plot_run, read_rows
 from driml_pl.video import count_frames, write_gif
 
 EVAL = {

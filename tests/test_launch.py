@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import tiny_args
 
-from driml_pl.launch import RESERVED, main
-from driml_pl.report import load_run
+from driml_pl.tools.launch import RESERVED, main
+from driml_pl.tools.report import load_run
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from driml_pl import video
 from driml_pl.cli import main
-from driml_pl.plots import format_env_steps
+from driml_pl.tools.plots import format_env_steps
 
 HAVE_WANDB = importlib.util.find_spec("wandb") is not None
 SETS = ("train_levels", "test_levels")
@@ -209,7 +209,7 @@ def test_wandb_offline_run_holds_config_metrics_and_videos(logged: Path) -> None
 
 
 def test_run_plot_reference_lines(tmp_path: Path) -> None:
-    from driml_pl.plots import plot_run, references
+    from driml_pl.tools.plots import plot_run, references
 
     version = tmp_path / "run" / "logs" / "version_0"
     version.mkdir(parents=True)

@@ -13,7 +13,7 @@ import yaml
 from scipy import stats
 
 from driml_pl.envs import GAMES
-from driml_pl.report import METHODS, PAPER_TABLE, Run, classify, load_run, main, normalised_scores
+from driml_pl.tools.report import METHODS, PAPER_TABLE, Run, classify, load_run, main, normalised_scores
 
 
 def test_paper_table_shape() -> None:

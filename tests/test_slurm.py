@@ -23,8 +23,8 @@ import torch
 from conftest import ROOT, tiny_args
 from support.faults import Faults, python_with_faults
 
-from driml_pl.launch import RESERVED, main
-from driml_pl.report import load_run
+from driml_pl.tools.launch import RESERVED, main
+from driml_pl.tools.report import load_run
 
 pytestmark = pytest.mark.skipif(os.environ.get("DRIML_SLURM") != "1", reason="opt-in: nox -s slurm (DRIML_SLURM=1)")
 GAME = "dodgeball"  # a random policy ends episodes within a few steps, so a tiny run logs returns

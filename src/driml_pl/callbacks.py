@@ -296,7 +296,7 @@ class EvalVideos(Callback):
 
 
 class RunPlot(Callback):
-    """At the end of ``fit``, draws ``<run>/plot.png`` from the run's metrics.csv (`driml_pl.plots`)."""
+    """At the end of ``fit``, draws ``<run>/plot.png`` from the run's metrics.csv (`driml_pl.tools.plots`)."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
@@ -307,7 +307,7 @@ class RunPlot(Callback):
         csv = next((lg for lg in trainer.loggers if isinstance(lg, CSVLogger)), None)
         if csv is None or Path(csv.root_dir).name != "logs":
             return
-        from driml_pl.plots import plot_run
+        from driml_pl.tools.plots import plot_run
 
         for logger in trainer.loggers:
             logger.save()

@@ -1,7 +1,7 @@
 """`python -m driml_pl fit|validate|test --config conf/....yaml`: LightningCLI with the project's defaults.
 
-Also `python -m driml_pl report RUNS... --out DIR` (`driml_pl.report`) and `python -m driml_pl plot RUN_DIR`
-(`driml_pl.plots`).
+Also `python -m driml_pl report RUNS... --out DIR` (`driml_pl.tools.report`) and `python -m driml_pl plot RUN_DIR`
+(`driml_pl.tools.plots`).
 """
 
 from __future__ import annotations
@@ -332,15 +332,15 @@ def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
     extra ``__init__`` arguments gets them as ``model.*`` config keys (docs/architecture.md)."""
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["report"]:
-        from driml_pl.report import main as report_main
+        from driml_pl.tools.report import main as report_main
 
         raise SystemExit(report_main(argv[1:]))
     if argv[:1] == ["plot"]:
-        from driml_pl.plots import main as plot_main
+        from driml_pl.tools.plots import main as plot_main
 
         raise SystemExit(plot_main(argv[1:]))
     if argv[:1] == ["grid"]:
-        from driml_pl.launch import main as grid_main
+        from driml_pl.tools.launch import main as grid_main
 
         raise SystemExit(grid_main(argv[1:]))
     quiet_warnings()

@@ -16,7 +16,7 @@ def level_range(start: int, count: int) -> str:
 def eval_table(metrics: Mapping[str, Any], prefix: str, config: Mapping[str, Any], ckpt: str | None = None) -> Table:
     """A Rich table of one evaluation: training vs held-out levels, mean +- std (np.std, ddof 0), episodes, capped
     episodes, and the paper's number (spec §7.1, training levels after 50M env steps) for the game and method."""
-    from driml_pl.report import PAPER_TABLE, classify  # (tools import each other lazily: report is heavy)
+    from driml_pl.tools.runs import PAPER_TABLE, classify
 
     data = config.get("data", {})
     env = data.get("env", {})

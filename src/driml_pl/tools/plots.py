@@ -91,9 +91,9 @@ def extract_series(rows: Sequence[dict[str, str]]) -> Series:
 
 def references(run: Path) -> dict[str, float]:
     """Horizontal reference lines for the run's return panel, from its last config: the random policy's return on
-    its level set (`driml_pl.report.RANDOM_RETURNS`, where known) and the paper's 50M-step value for its game and
+    its level set (`driml_pl.tools.report.RANDOM_RETURNS`, where known) and the paper's 50M-step value for its game and
     method. Empty when the config cannot be read."""
-    from driml_pl.report import PAPER_TABLE, RANDOM_RETURNS, classify
+    from driml_pl.tools.runs import PAPER_TABLE, RANDOM_RETURNS, classify
 
     configs = sorted((run / "logs").glob("version_*/config.yaml"), key=lambda p: int(p.parent.name.split("_")[1]))
     try:

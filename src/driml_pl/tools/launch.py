@@ -4,8 +4,8 @@ Nothing here queues or places work: SLURM (a generated ``sbatch --array`` script
 only decides, per run directory, what a run needs, and that decision is made again by each array task when it starts
 (`run_task`), so a task that SLURM requeues after a pre-emption resumes instead of starting over:
 
-- **finished**: the logs reach the budget (`driml_pl.report.Run.reached_budget`, the same test `report` uses to list
-  unfinished runs): skipped;
+- **finished**: the logs reach the budget (`driml_pl.tools.report.Run.reached_budget`, the same test `report` uses
+  to list unfinished runs): skipped;
 - **resume**: ``checkpoints/last.ckpt`` exists: ``fit ... --ckpt_path last``;
 - **fresh**: anything else (no directory, or logs without a checkpoint): ``fit ...``.
 
@@ -34,9 +34,9 @@ import yaml
 
 from driml_pl import bundled
 from driml_pl.envs import GAMES
-from driml_pl.report import load_run
 from driml_pl.runlock import lock_holder
-from driml_pl.schedulers import minutes, submit_sbatch, submit_submitit
+from driml_pl.tools.runs import load_run
+from driml_pl.tools.schedulers import minutes, submit_sbatch, submit_submitit
 
 METHODS: tuple[str, ...] = ("c51", "noact", "randk", "fix", "ada")  # conf/paper/<method>.yaml (bundled)
 SEEDS: tuple[int, ...] = (0, 1, 2)
@@ -331,11 +331,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("nothing to run" + (f"; report: python -m driml_pl report {root} --out {args.report}" if args.report
                                   else ""))  # fmt: skip
         if args.report:
-            from driml_pl.report import main as report_main
+            from driml_pl.tools.report import main as report_main
 
             return report_main([str(root), "--out", args.report])
         return 0
     plan = _write_plan(root, tasks, args)
     if args.backend == "submitit":
-        return submit_submitit(plan, len(tasks), args, root)
+        return submit_submitit(plan, len(tasks), args, root, GridTask())
     return submit_sbatch(plan, tasks, args, root)

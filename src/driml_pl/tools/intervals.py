@@ -1,6 +1,6 @@
 """Interval estimates for `driml_pl report`, computed by ``rliable`` (Agarwal et al., NeurIPS 2021).
 
-Scores: a run's score is its final score (`driml_pl.report.Run.final_score`). For a set of games, each method's
+Scores: a run's score is its final score (`driml_pl.tools.report.Run.final_score`). For a set of games, each method's
 scores form a ``(runs, games)`` matrix; a method with more seeds on one game than on another keeps, on every game,
 the lowest seeds up to its smallest count (the stratified bootstrap needs the same number of runs per game).
 

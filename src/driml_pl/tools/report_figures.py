@@ -1,5 +1,5 @@
 """The report's PNGs: learning curves per game, interval estimates, P(improvement), performance profiles and
-sample-efficiency curves (the statistics come from `driml_pl.intervals`; this module only draws)."""
+sample-efficiency curves (the statistics come from `driml_pl.tools.intervals`; this module only draws)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from driml_pl.intervals import AGGREGATES, BASELINE, Intervals
-from driml_pl.plots import format_env_steps
-from driml_pl.report import METHODS, PAPER_TABLE, Run
+from driml_pl.tools.intervals import AGGREGATES, BASELINE, Intervals
+from driml_pl.tools.plots import format_env_steps
+from driml_pl.tools.runs import METHODS, PAPER_TABLE, Run
 
 COLORS = {m: f"C{i}" for i, m in enumerate(METHODS)}
 

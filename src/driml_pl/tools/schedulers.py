@@ -1,5 +1,5 @@
 """The two ways `python -m driml_pl grid` hands a plan to SLURM: a generated ``sbatch --array`` script (`slurm_script`,
-`submit_sbatch`) or submitit (`submit_submitit`, which runs `driml_pl.launch.GridTask` per array task)."""
+`submit_sbatch`) or submitit (`submit_submitit`, which runs `driml_pl.tools.launch.GridTask` per array task)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,16 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from driml_pl.launch import GridRun
+
+class GridRun(Protocol):
+    """One cell of the grid as the schedulers read it (`driml_pl.tools.launch.GridRun`)."""
+
+    @property
+    def name(self) -> str: ...
+
+    def command(self, python: str, resume: bool) -> list[str]: ...
 
 
 def slurm_script(plan: Path, tasks: Sequence[Sequence[GridRun]], args: argparse.Namespace) -> str:
@@ -106,13 +112,12 @@ def minutes(hms: str) -> int:
     return days * 1440 + h * 60 + m + (1 if s else 0)
 
 
-def submit_submitit(plan: Path, n_tasks: int, args: argparse.Namespace, root: Path) -> int:
-    """One submitit array of `GridTask` (SLURM when sbatch is found, else ``--executor local``); with ``--wait``
-    wait for every task, then ``--report``. Its time-out signal (USR2, ``--requeue-before`` s before ``--time``)
-    reaches `GridTask.checkpoint`, which stops the fits with a checkpoint before submitit requeues the task."""
+def submit_submitit(plan: Path, n_tasks: int, args: argparse.Namespace, root: Path, task: Any) -> int:
+    """One submitit array of ``task`` (a `GridTask`; SLURM when sbatch is found, else ``--executor local``); with
+    ``--wait`` wait for every task, then ``--report``. Its time-out signal (USR2, ``--requeue-before`` s before
+    ``--time``) reaches `GridTask.checkpoint`, which stops the fits with a checkpoint before submitit requeues the
+    task."""
     import submitit
-
-    from driml_pl.launch import GridTask
 
     folder = plan.parent / "submitit"
     executor: Any = (
@@ -129,7 +134,7 @@ def submit_submitit(plan: Path, n_tasks: int, args: argparse.Namespace, root: Pa
 
         params["gpus_per_node"] = min(args.gpus_per_task, torch.cuda.device_count())
     executor.update_parameters(**params)
-    jobs = executor.map_array(GridTask(), [str(plan)] * n_tasks, list(range(n_tasks)))
+    jobs = executor.map_array(task, [str(plan)] * n_tasks, list(range(n_tasks)))
     print(f"submitted {n_tasks} tasks: {', '.join(j.job_id for j in jobs)} (logs: {folder})")
     if not args.wait:
         return 0
@@ -141,7 +146,7 @@ def submit_submitit(plan: Path, n_tasks: int, args: argparse.Namespace, root: Pa
             failed += 1
             print(f"task {job.job_id} failed: {str(err).strip().splitlines()[-1]}", file=sys.stderr)
     if args.report:
-        from driml_pl.report import main as report_main
+        from driml_pl.tools.report import main as report_main
 
         code = report_main([str(root), "--out", args.report])
         failed += code != 0

@@ -1,6 +1,7 @@
-"""The report's interval section: runs -> score matrices -> `driml_pl.intervals` -> markdown (and data to plot).
+"""The report's interval section: runs -> score matrices -> `driml_pl.tools.intervals` -> markdown (and data to plot).
 
-See `driml_pl.intervals` for the statistics and the two normalisations, and docs/reporting.md for how to read them.
+See `driml_pl.tools.intervals` for the statistics and the two normalisations, and docs/reporting.md for how to read
+them.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from driml_pl.intervals import AGGREGATES, BASELINE, Estimate, Intervals, aggregate, estimate_all, improvement
-from driml_pl.intervals import normalise as normalise_matrix
-from driml_pl.report import METHODS, PAPER_TABLE, RANDOM_RETURNS, Run
+from driml_pl.tools.intervals import AGGREGATES, BASELINE, Estimate, Intervals, aggregate, estimate_all, improvement
+from driml_pl.tools.intervals import normalise as normalise_matrix
+from driml_pl.tools.runs import METHODS, PAPER_TABLE, RANDOM_RETURNS, Run
 
 CURVE_POINTS = 25
 NORM_TITLES = {
