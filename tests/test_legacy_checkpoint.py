@@ -3,7 +3,7 @@ module's state) still resumes, and exactly: it ends where a straight run of this
 
 `tests/data/legacy_03335ca/checkpoints/` was written by 03335ca with the arguments below, stopped after 2 epochs
 (update 24): ``tiny_args(run, budget=512, --data.replay_size 256, --trainer.max_epochs 2)``, with one torch thread
-(float sums split over threads round differently, so the comparison runs with one thread too).
+(float sums split over threads round differently, so the comparison runs with one too: ``--torch_threads 1``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from conftest import ROOT, tiny_args
 from driml_pl.cli import main
 
 LEGACY = ROOT / "tests" / "data" / "legacy_03335ca" / "checkpoints"
-ARGS = {"--data.replay_size": "256", "--trainer.enable_progress_bar": "false"}
+ARGS = {"--data.replay_size": "256", "--trainer.enable_progress_bar": "false", "--torch_threads": "1"}
 
 
 def final(run: Path) -> dict:
@@ -26,15 +26,14 @@ def final(run: Path) -> dict:
 
 
 @pytest.fixture
-def one_thread():
+def keep_threads():
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads)  # --torch_threads 1 set this process's threads: give the other tests theirs back
 
 
 @pytest.mark.slow
-@pytest.mark.usefixtures("one_thread")
+@pytest.mark.usefixtures("keep_threads")
 def test_a_checkpoint_written_before_the_redesign_resumes_to_the_straight_run(tmp_path):
     legacy = torch.load(LEGACY / "last.ckpt", map_location="cpu", weights_only=True)
     assert "driml_unit" not in legacy and legacy["DRIMLDataModule"]["global_step"] == 24  # the old layout
