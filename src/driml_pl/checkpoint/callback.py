@@ -29,7 +29,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 from driml_pl.checkpoint import format
 from driml_pl.checkpoint.diskfull import DiskFullError, UnitGuard, unit_bytes
 from driml_pl.checkpoint.format import CheckpointError, StreamCheckpointer
-from driml_pl.checkpoint.resume import UNIT_KEY, last_checkpoint_in, unit_pointer
+from driml_pl.checkpoint.resume import UNIT_KEY, checkpoint_dir, last_checkpoint_in, unit_pointer
 from driml_pl.data import DRIMLDataModule, ReplayStream
 from driml_pl.interrupt import Interrupted, agree, announce
 from driml_pl.types import FiniteGuarded
@@ -165,7 +165,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     # the unit ------------------------------------------------------------------------------------------
     def _directory(self, trainer: pl.Trainer) -> Path:
-        return Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        return Path(self.dirpath) if self.dirpath else checkpoint_dir(trainer.default_root_dir)
 
     def write_unit(self, trainer: pl.Trainer) -> None:
         """Write every rank's half and ``last.ckpt.tmp`` for the state after this step (called on every rank).

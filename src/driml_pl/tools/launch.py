@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from driml_pl import bundled
+from driml_pl.checkpoint.resume import last_checkpoint
 from driml_pl.envs import GAMES
 from driml_pl.runlock import lock_holder
 from driml_pl.tools.runs import load_run
@@ -70,7 +71,7 @@ class GridRun:
                 run.total_env_steps = self.budget
             if run.env_steps.size and run.reached_budget:
                 return "finished"
-        return "resume" if (path / "checkpoints" / "last.ckpt").is_file() else "fresh"
+        return "resume" if last_checkpoint(path).is_file() else "fresh"
 
     def command(self, python: str, resume: bool) -> list[str]:
         first = ["--config", self.protocol] if self.protocol else []
