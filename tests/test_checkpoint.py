@@ -115,6 +115,19 @@ def test_sigterm_writes_a_checkpoint_and_exits_143_then_resumes_exactly(straight
 
 
 @pytest.mark.slow
+def test_a_sigterm_that_comes_with_the_last_update_is_a_finished_run_exit_0(straight, tmp_path):
+    """Updates 69-72 are the last Lightning step: the SIGTERM's checkpoint is the end of the budget, so the run
+    finished (exit 0, no requeue by a scheduler's trap) and equals the straight run."""
+    run = tmp_path / "run"
+    proc = fit(run, faults=Faults(signal_at=70), check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "driml_pl: SIGTERM came with the budget's last update: the run finished" in proc.stderr
+    assert "stopped by SIGTERM" not in proc.stderr
+    assert final_state(run)["global_step"] == 72
+    assert_same_run(straight, run)
+
+
+@pytest.mark.slow
 def test_corrupt_truncated_planted_and_misfit_checkpoints_are_refused_in_one_line(straight, tmp_path):
     def resume(run: Path, *extra: str) -> subprocess.CompletedProcess:
         proc = fit(run, "--ckpt_path", "last", *extra, check=False)

@@ -379,6 +379,11 @@ def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
     finally:
         release_fit_lock()
         restore_ctrl_c()
+    late = next(
+        (c.signal_at_end for c in getattr(cli.trainer, "callbacks", []) if getattr(c, "signal_at_end", None)), None
+    )
+    if late:
+        print(f"driml_pl: {late} came with the budget's last update: the run finished", file=sys.stderr)
     if any(getattr(c, "interrupted", False) for c in getattr(cli.trainer, "callbacks", [])):
         raise SystemExit(stopped(cli.trainer.checkpoint_callback))
     if any(getattr(c, "terminated", False) for c in getattr(cli.trainer, "callbacks", [])):

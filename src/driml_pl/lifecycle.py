@@ -9,7 +9,7 @@ code   meaning
 3      a non-finite loss: the run stopped, the last good checkpoint is left as it was
 28     no space left on the checkpoint's filesystem: partial files removed, the last good checkpoint left as it was
 130    Ctrl-C: the first one writes a checkpoint at the next step boundary; a second one stops at once
-143    SIGTERM: a checkpoint was written at the next step boundary
+143    SIGTERM: a checkpoint was written at the next step boundary (a signal with the budget's last update: 0)
 =====  ==========================================================================================================
 """
 

@@ -14,6 +14,8 @@ Faults and their seams:
   `driml_pl.learner.objective.driml_losses`, which both update runners call (op by op and captured).
 * ``fail_at=N, fail_rank=R, fail_mode=raise|exit|hang``: rank R fails in update N: a RuntimeError, a hard death
   (``os._exit(1)``, no clean-up) or a rank that stops responding. Same seam. Updates count from 1.
+* ``signal_at=N, signal_name=SIGTERM``: the process signals itself during update N (as a scheduler's SIGTERM or a
+  Ctrl-C arriving then); the checkpoint callback acts on it at the end of that step. Same seam.
 * ``slow=S``: every Lightning step takes S seconds more (a run slow enough to signal mid-way). Seam:
   `RunCheckpoint.on_train_batch_end`.
 * ``crash_at=mid_flush|before_commit|after_commit, crash_after=U``: SIGKILL in the U-th checkpoint unit this process
@@ -50,6 +52,8 @@ class Faults:
     crash_at: str | None = None
     crash_after: int = 1
     crash_signal: str = "SIGKILL"  # what the crash sends (SIGINT: a Ctrl-C at that moment)
+    signal_at: int | None = None
+    signal_name: str = "SIGTERM"
 
 
 def _rank() -> int:
@@ -61,7 +65,7 @@ def install(faults: Faults, patch: Patch = setattr) -> None:
     from driml_pl.checkpoint.callback import RunCheckpoint
     from driml_pl.learner import objective
 
-    if faults.nan_at is not None or faults.fail_at is not None:
+    if faults.nan_at is not None or faults.fail_at is not None or faults.signal_at is not None:
         losses = objective.driml_losses
 
         def driml_losses(nets: Any, inputs: Any, core: Any = None) -> dict[str, torch.Tensor]:
@@ -73,6 +77,8 @@ def install(faults: Faults, patch: Patch = setattr) -> None:
                 while faults.fail_mode == "hang":
                     time.sleep(1)
                 raise RuntimeError(f"injected failure of rank {faults.fail_rank} in update {update}")
+            if update == faults.signal_at:
+                os.kill(os.getpid(), getattr(signal, faults.signal_name))
             if update == faults.nan_at:
                 out = dict(out)
                 out["c51_loss"] = out["c51_loss"] * float("nan")

@@ -82,6 +82,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._pending_unit: str | None = None  # written, not yet committed
         self.terminated = False  # set after a SIGTERM checkpoint: the CLI exits with 143
         self.interrupted = False  # set after the first Ctrl-C's checkpoint is due: the CLI exits with 130
+        self.signal_at_end: str | None = None  # a signal that came with the budget's last update (exit 0)
         self.committed: str | None = None  # the last committed unit: "<dir>/last.ckpt (update N)", for messages
         self._guard: UnitGuard | None = (
             None  # the written, not yet committed unit's guard (`driml_pl.checkpoint.diskfull`)
@@ -99,7 +100,7 @@ class RunCheckpoint(ModelCheckpoint):
         self._last_time = time.monotonic()
         self._last_updates = trainer.global_step
         if trainer.ckpt_path and trainer.global_step > 0:  # resumed: that unit is the last good one
-            self.committed = f"{trainer.ckpt_path} (update {trainer.global_step})"
+            self.committed = f"{trainer.ckpt_path} (update {trainer.global_step:,})"
         if self.config.on_signal:
             for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 with contextlib.suppress(ValueError):  # not the main thread: no handlers
@@ -121,6 +122,10 @@ class RunCheckpoint(ModelCheckpoint):
         due = cfg.every_n_updates > 0 and updates // cfg.every_n_updates > self._last_updates // cfg.every_n_updates
         due |= cfg.every_minutes > 0 and time.monotonic() - self._last_time >= 60 * cfg.every_minutes
         sig, self._signal = agree(trainer, self._signal), None  # one signal for all ranks
+        stream = _stream(trainer)
+        if sig is not None and stream is not None and stream.exhausted:
+            self.signal_at_end = signal.Signals(sig).name  # it came with the last update: the run finished, and
+            sig = None  # on_train_end writes the budget's last unit as usual
         if sig == signal.SIGTERM:
             self.terminated = True
             trainer.should_stop = True
@@ -208,7 +213,7 @@ class RunCheckpoint(ModelCheckpoint):
         trainer.strategy.barrier("driml_pl.checkpoint.commit")
         self.prune(unit)
         self.last_model_path = str(last_checkpoint_in(directory))
-        self.committed = f"{self.last_model_path} (update {int(unit[1:13])})"  # for the one-line messages
+        self.committed = f"{self.last_model_path} (update {int(unit[1:13]):,})"  # for the one-line messages
 
     def prune(self, unit: str) -> None:
         """Delete this rank's units other than the committed ``unit`` and the segments it no longer references."""
