@@ -1,4 +1,4 @@
-"""nox sessions. `nox` runs tests, lint and typecheck; smoke, bench and slurm are opt-in (`nox -s smoke`, ...).
+"""nox sessions. `nox` runs tests, lint and typecheck; tests_full, smoke, bench and slurm are opt-in (`nox -s smoke`, ...).
 
 Extra arguments after `--` reach the tool (e.g. `nox -s tests -- -k replay`). Every install goes through
 constraints.txt (the exact versions CI ran with); `nox -s lock` regenerates it (docs/install.md).
@@ -28,7 +28,15 @@ def install_project(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The unit and end-to-end tests (real Procgen), a few minutes on 2 cores."""
+    """The default suite: unit tests and one end-to-end test (real Procgen) of every guarantee, about 10 minutes on
+    2 cores. The tests marked ``full`` (more variants of those guarantees) run in ``nox -s tests_full``."""
+    install_project(session)
+    session.run("pytest", "-m", "not full", *(session.posargs or ["-q"]))
+
+
+@nox.session
+def tests_full(session: nox.Session) -> None:
+    """Every test, the ``full`` variants included (about 30 minutes on 2 cores); run it before a release."""
     install_project(session)
     session.run("pytest", *(session.posargs or ["-q"]))
 
