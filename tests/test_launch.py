@@ -114,3 +114,30 @@ def test_tiny_grid_runs_resumes_skips_and_reports(tmp_path: Path, capsys: pytest
     assert main([*grid, "--methods", "c51,randk", "--dry-run", "--", *_overrides(512)]) == 0
     out = capsys.readouterr().out
     assert "0 finished (skipped), 2 to resume, 0 to start" in out and out.count("--ckpt_path last") == 2
+
+
+def test_a_task_shares_its_cores_among_the_runs_it_starts_not_the_skipped_ones(tmp_path, monkeypatch, capsys):
+    """Three runs in one task on 6 cores, the first already finished: the two it starts get 3 threads each (dividing
+    over all three gave 2, and left two cores idle). The fits are a stand-in interpreter that records its env."""
+    from driml_pl.tools import launch
+
+    root = tmp_path / "runs"
+    assert main(["--root", str(root), "--games", "dodgeball", "--seeds", "0,1,2", "--methods", "c51", "--runs-per-gpu",
+                 "3", "--gpus-per-task", "0", "--", *_overrides(256)]) == 0  # fmt: skip
+    plan, spec = _plan(root)
+    assert [len(t) for t in spec["tasks"]] == [3]
+    seen = tmp_path / "threads"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\necho "$OMP_NUM_THREADS $CUDA_VISIBLE_DEVICES" >> {seen}\n')
+    fake.chmod(0o755)
+    plan.write_text(json.dumps({**spec, "python": str(fake)}))
+    finished = spec["tasks"][0][0]["run_dir"]
+    monkeypatch.setattr(launch.GridRun, "status", lambda run: "finished" if run.run_dir == finished else "fresh")
+    monkeypatch.setattr(launch, "_forward_signals", lambda: None)  # pytest keeps its own Ctrl-C
+    monkeypatch.setattr(launch.os, "sched_getaffinity", lambda pid: set(range(6)))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    capsys.readouterr()
+    assert launch.run_task(str(plan), 0) == 0
+    assert "c51/dodgeball/seed0: finished, skipped" in capsys.readouterr().out
+    assert seen.read_text().split("\n") == ["3 ", "3 ", ""]

@@ -142,8 +142,8 @@ def run_task(plan: str, index: int) -> int:
     _forward_signals()
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d]
     cores = len(os.sched_getaffinity(0))
-    procs = []
-    for i, run in enumerate(runs):
+    starting: list[tuple[GridRun, str]] = []  # decided first, so the cores and GPUs are shared by these alone
+    for run in runs:
         status = run.status()
         if status == "finished":
             print(f"{run.name}: finished, skipped", flush=True)
@@ -153,10 +153,13 @@ def run_task(plan: str, index: int) -> int:
         if holder is not None:
             print(f"{run.name}: running in another process ({holder}), left alone", flush=True)
             continue
+        starting.append((run, status))
+    procs = []
+    for i, (run, status) in enumerate(starting):
         env = dict(os.environ)
         if visible:
             env["CUDA_VISIBLE_DEVICES"] = visible[(i // spec["runs_per_gpu"]) % len(visible)]
-        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // len(runs))))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // len(starting))))
         cmd = run.command(spec["python"], resume=status == "resume")
         print(f"{run.name}: {status}: {shlex.join(cmd)}", flush=True)
         with open(Path(run.run_dir) / "launch.log", "a") as log:
