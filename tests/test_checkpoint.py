@@ -86,7 +86,7 @@ def test_sigkill_after_a_mid_run_checkpoint_resumes_to_the_same_weights_optimize
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["mid_flush", "before_commit"])
+@pytest.mark.parametrize("moment", ["mid_flush", pytest.param("before_commit", marks=pytest.mark.full)])
 def test_a_kill_inside_a_checkpoint_leaves_the_previous_one_resumable(straight, tmp_path, moment):
     run = tmp_path / "run"
     crash = fit(run, faults=Faults(crash_at=moment, crash_after=2), check=False)
@@ -115,6 +115,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143_then_resumes_exactly(straight
 
 
 @pytest.mark.slow
+@pytest.mark.full
 def test_a_sigterm_that_comes_with_the_last_update_is_a_finished_run_exit_0(straight, tmp_path):
     """Updates 69-72 are the last Lightning step: the SIGTERM's checkpoint is the end of the budget, so the run
     finished (exit 0, no requeue by a scheduler's trap) and equals the straight run."""
@@ -127,48 +128,62 @@ def test_a_sigterm_that_comes_with_the_last_update_is_a_finished_run_exit_0(stra
     assert_same_run(straight, run)
 
 
-@pytest.mark.slow
-def test_corrupt_truncated_planted_and_misfit_checkpoints_are_refused_in_one_line(straight, tmp_path):
-    def resume(run: Path, *extra: str) -> subprocess.CompletedProcess:
-        proc = fit(run, "--ckpt_path", "last", *extra, check=False)
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        lines = [line for line in proc.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1, proc.stderr[-2000:]
-        return proc
-
-    def copy_run() -> Path:
-        run = tmp_path / f"copy{len(list(tmp_path.iterdir()))}" / "run"
-        run.parent.mkdir()
-        subprocess.run(["cp", "-r", str(straight), str(run)], check=True)
-        return run
-
-    # a settings change that cannot fit the saved state names the key
-    run = copy_run()
-    assert "data.env.num_envs=4" in resume(run, "--data.env.num_envs", "4").stderr
-    assert "data.replay_size=4096" in resume(run, "--data.replay_size", "4096").stderr
-    assert "data.env.game='coinrun'" in resume(run, "--data.env.game", "coinrun").stderr
-    # a truncated replay segment is named
+def _truncate_segment(run: Path) -> Path:
     seg = sorted((run / "checkpoints" / "replay" / "rank0").iterdir())[-1] / "frames.npy"
     seg.write_bytes(seg.read_bytes()[:-100])
-    assert str(seg) in resume(run).stderr
-    # a flipped byte in the stream state is named
-    run = copy_run()
+    return seg
+
+
+def _flip_state_byte(run: Path) -> Path:
     (state,) = (run / "checkpoints" / "units").glob("*/rank0/state.json")
     body = bytearray(state.read_bytes())
     body[len(body) // 2] ^= 1
     state.write_bytes(bytes(body))
-    assert str(state) in resume(run).stderr
-    # a truncated last.ckpt is named
-    run = copy_run()
+    return state
+
+
+def _truncate_last(run: Path) -> Path:
     ckpt = run / "checkpoints" / "last.ckpt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    assert str(ckpt) in resume(run).stderr
-    # a planted pickle payload never runs: it is refused before anything is loaded
-    run = copy_run()
-    marker = tmp_path / "pwned"
-    torch.save({"state_dict": {}, "payload": _Payload(str(marker))}, run / "checkpoints" / "last.ckpt")
-    assert "pickled objects" in resume(run).stderr
-    assert not marker.exists()
+    return ckpt
+
+
+def _plant_pickle(run: Path) -> str:
+    torch.save({"state_dict": {}, "payload": _Payload(str(run.parent / "pwned"))}, run / "checkpoints" / "last.ckpt")
+    return "pickled objects"
+
+
+# (settings that cannot fit the saved state, or a damage to the run's files) -> what the one line must name.
+# The default session runs one of each kind; `nox -s tests_full` runs them all.
+REFUSALS = {
+    "num_envs": (["--data.env.num_envs", "4"], None, "data.env.num_envs=4"),
+    "replay_size": (["--data.replay_size", "4096"], None, "data.replay_size=4096"),
+    "game": (["--data.env.game", "coinrun"], None, "data.env.game='coinrun'"),
+    "truncated_segment": ([], _truncate_segment, None),
+    "flipped_state_byte": ([], _flip_state_byte, None),
+    "truncated_last_ckpt": ([], _truncate_last, None),
+    "planted_pickle": ([], _plant_pickle, None),
+}
+DEFAULT_REFUSALS = ("num_envs", "truncated_segment", "planted_pickle")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "case", [c if c in DEFAULT_REFUSALS else pytest.param(c, marks=pytest.mark.full) for c in REFUSALS]
+)
+def test_corrupt_truncated_planted_and_misfit_checkpoints_are_refused_in_one_line(straight, tmp_path, case):
+    extra, damage, named = REFUSALS[case]
+    run = tmp_path / "copy" / "run"
+    run.parent.mkdir()
+    subprocess.run(["cp", "-r", str(straight), str(run)], check=True)
+    if damage is not None:
+        named = str(damage(run))  # the damaged file's path (or the planted payload's refusal)
+    proc = fit(run, "--ckpt_path", "last", *extra, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert named in lines[0]
+    assert not (run.parent / "pwned").exists()  # a planted payload never runs: refused before anything is loaded
 
 
 class _Payload:

@@ -52,7 +52,7 @@ def test_fit_honours_budget_logs_finite_losses_and_writes_checkpoint(run_dir):
     assert config["data"]["total_env_steps"] == 512 and config["data"]["frame_stack"] == 1
 
 
-@pytest.mark.parametrize("mode", ["random", "adaptive"])
+@pytest.mark.parametrize("mode", ["random", pytest.param("adaptive", marks=pytest.mark.full)])
 def test_resume_continues_counters_and_equals_an_uninterrupted_run(tmp_path, mode):
     whole, split = tmp_path / "whole", tmp_path / "split"
     horizon = {"--data.horizon.mode": mode, "--data.horizon.k": 2 if mode == "random" else 5}
@@ -90,9 +90,15 @@ def test_fresh_run_refuses_to_overwrite_checkpoints(run_dir):
     ("override", "message"),
     [
         (["--data.env.game", "pacman"], "unknown game 'pacman'"),
-        (["--data.total_env_steps", "1001"], "total_env_steps=1001 is not a multiple"),
-        (["--data.horizon.mode", "sometimes"], "unknown horizon.mode 'sometimes'; valid: fixed, random"),
-    ],
+        pytest.param(
+            ["--data.total_env_steps", "1001"], "total_env_steps=1001 is not a multiple", marks=pytest.mark.full
+        ),
+        pytest.param(
+            ["--data.horizon.mode", "sometimes"],
+            "unknown horizon.mode 'sometimes'; valid: fixed, random",
+            marks=pytest.mark.full,
+        ),
+    ],  # a subprocess each (the exit code as the shell sees it); test_config_errors.py has these in-process too
 )
 def test_bad_input_gives_one_line_error_nonzero_exit_and_no_output(tmp_path, override, message):
     run = tmp_path / "bad"
@@ -145,7 +151,12 @@ EXPECTED_VARIANT = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(EXPECTED_VARIANT))
+# The default session runs DRIML-ada, the variant with most code of its own (the pair model, its horizon); c51,
+# randk, fix and noact are the quickstart's, the horizon tests' and the critic tests' paths: `nox -s tests_full`.
+VARIANTS = [v if v == "ada" else pytest.param(v, marks=pytest.mark.full) for v in sorted(EXPECTED_VARIANT)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_every_paper_variant_runs_end_to_end_and_is_classified(tmp_path, variant):
     from driml_pl.tools.report import classify
 

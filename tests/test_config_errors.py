@@ -70,6 +70,14 @@ CASES = {
     "replay_size_negative": (["--data.replay_size", "-5"], "data.replay_size=-5 is not allowed: an integer > 0"),
     "num_envs_0": (["--data.env.num_envs", "0"], "data.env.num_envs=0 is not allowed: an integer > 0"),
     "total_env_steps_0": (["--data.total_env_steps", "0"], "data.total_env_steps=0 is not allowed: an integer > 0"),
+    "total_env_steps_not_a_multiple": (
+        ["--data.total_env_steps", "100001"],
+        "total_env_steps=100001 is not a multiple",
+    ),
+    "horizon_mode_unknown": (
+        ["--data.horizon.mode", "sometimes"],
+        "unknown horizon.mode 'sometimes'; valid: fixed, random",
+    ),
     "updates_per_epoch_0": (["--data.updates_per_epoch", "0"], "data.updates_per_epoch=0 is not allowed"),
     "replay_ratio_0": (["--data.replay_ratio", "0"], "data.replay_ratio=0.0 is not allowed: a number > 0"),
     "eval_episodes_0": (["--data.eval_episodes", "0"], "data.eval_episodes=0 is not allowed: an integer > 0"),

@@ -24,7 +24,7 @@ from driml_pl.data.evaluation import play_episodes, rank_share
 from driml_pl.envs import EnvConfig
 from driml_pl.learner import DRIML
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.full]  # DDP itself: test_ddp.py, in the default session
 EVAL = {"--data.eval_episodes": 3, "--data.eval_every_env_steps": 256, "--data.eval_max_steps": 300,
         "--data.eval_test_levels": 10}  # fmt: skip
 DDP = {"--trainer.accelerator": "cpu", "--trainer.devices": 2, "--trainer.strategy": "ddp",

@@ -86,7 +86,9 @@ def assert_last_good_checkpoint(ckpt: Path, unit: Path, digests: tuple[str, str]
     assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
 
 
-@pytest.mark.parametrize("cuda_graphs", ["false", "true"])
+@pytest.mark.parametrize(
+    "cuda_graphs", [pytest.param("false", marks=pytest.mark.full), "true"]
+)  # the captured path is the harder one
 def test_nan_loss_stops_the_run_naming_update_and_term_and_keeps_the_last_checkpoint(run_dir, cuda_graphs):
     """Through the CLI in a subprocess: the resumed run meets a NaN C51 loss in update 30 (epoch 3 of 12 updates),
     in the op-by-op update and in the captured one (`model.cuda_graphs`, run op by op on its static inputs here)."""
@@ -136,7 +138,7 @@ def ddp_fit(run: Path, timeout: float, faults: Faults) -> tuple[subprocess.Compl
     return proc, time.monotonic() - start
 
 
-@pytest.mark.parametrize("mode", ["raise", "hang"])
+@pytest.mark.parametrize("mode", ["raise", pytest.param("hang", marks=pytest.mark.full)])
 def test_ddp_job_ends_nonzero_when_a_rank_dies_or_hangs(run_dir, mode):
     """Rank 1 fails in update 10: a RuntimeError ends the job at once (the collective on rank 0 sees the closed
     connection); a hung rank 1 ends it after --ddp_timeout (20 s here), and rank 0 kills it on the way out."""

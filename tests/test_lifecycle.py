@@ -92,6 +92,7 @@ def test_ctrl_c_writes_a_checkpoint_exits_130_and_resumes_exactly(straight, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.full  # the default session runs the harder case: the second Ctrl-C inside the first one's checkpoint
 def test_a_second_ctrl_c_stops_at_once_and_keeps_the_previous_checkpoint(straight, tmp_path):
     run = tmp_path / "run"
     proc = start(run, faults=SLOW)
@@ -154,7 +155,7 @@ def _fill(mount: Path, leave: int) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("where", ["segment", "last_ckpt"])
+@pytest.mark.parametrize("where", [pytest.param("segment", marks=pytest.mark.full), "last_ckpt"])
 def test_a_full_disk_stops_with_one_line_exit_28_no_partial_files_and_resumes(straight, small_disk, where):
     run = small_disk / "run"
     proc = start(run, faults=SLOW)
