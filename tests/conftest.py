@@ -53,6 +53,17 @@ def tiny_args(
     return ["fit"] + [x for c in configs for x in ("--config", str(c))] + [x for kv in args.items() for x in kv]
 
 
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory) -> Path:
+    """test_checkpoint.py's tiny run made straight through, once for the session: what the killed, signalled and
+    resumed runs of test_checkpoint.py and test_lifecycle.py must equal. Read-only (tests copy it to change it)."""
+    from test_checkpoint import fit
+
+    run = tmp_path_factory.mktemp("straight") / "run"
+    fit(run)
+    return run
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
     return tmp_path / "run"

@@ -67,14 +67,8 @@ def logged(run_dir: Path) -> dict[int, dict[str, str]]:
     return rows
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("straight") / "run"
-    fit(run)
-    return run
-
-
 @pytest.mark.slow
+@pytest.mark.full  # the default session kills inside the checkpoint (the harder case) and checks the same
 def test_sigkill_after_a_mid_run_checkpoint_resumes_to_the_same_weights_optimizer_and_metrics(straight, tmp_path):
     run = tmp_path / "run"
     crash = fit(run, faults=Faults(crash_at="after_commit", crash_after=2), check=False)
@@ -94,9 +88,11 @@ def test_a_kill_inside_a_checkpoint_leaves_the_previous_one_resumable(straight, 
     assert final_state(run)["global_step"] == 20  # the second checkpoint never committed
     fit(run, "--ckpt_path", "last")
     assert_same_run(straight, run)
+    assert logged(run) == logged(straight)  # every logged value, across the kill
 
 
 @pytest.mark.slow
+@pytest.mark.full  # the same handler as the first Ctrl-C (test_lifecycle.py, default session), with exit 143
 def test_sigterm_writes_a_checkpoint_and_exits_143_then_resumes_exactly(straight, tmp_path):
     run = tmp_path / "run"
     args = command(Faults(slow=0.05), tiny_args(run, budget=BUDGET, **EXTRA))

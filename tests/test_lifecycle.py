@@ -25,13 +25,6 @@ from driml_pl.runlock import RunLock, RunLockedError, holds_run_lock, lock_holde
 SLOW = Faults(slow=0.3)  # 4 updates a step: ~1.5 s between the checkpoints of updates 20 and 40
 
 
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("straight") / "run"
-    fit(run)
-    return run
-
-
 def start(run: Path, *extra: str, faults: Faults | None = None) -> subprocess.Popen:
     """A fit as a terminal starts it: SIGINT at its default (a background child of a script would ignore it);
     ``faults`` from `tests/support/faults.py`."""
@@ -196,7 +189,7 @@ def test_a_full_disk_stops_with_one_line_exit_28_no_partial_files_and_resumes(st
 @pytest.mark.slow
 def test_a_second_fit_of_a_running_directory_is_refused_and_a_killed_holder_leaves_no_lock(straight, tmp_path):
     run = tmp_path / "run"
-    first = start(run, faults=Faults(slow=3))  # alive for a minute: longer than the second fit's start
+    first = start(run, faults=Faults(slow=2))  # alive for ~40 s: longer than the second fit's start
     wait_for(run / "checkpoints" / "last.ckpt", first)
     assert lock_holder(run) == f"host {socket.gethostname()}, pid {first.pid}"
     versions = sorted(p.name for p in (run / "logs").iterdir())
