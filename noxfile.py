@@ -1,4 +1,4 @@
-"""nox sessions. `nox` runs tests, lint and typecheck; tests_full, smoke, bench and slurm are opt-in (`nox -s smoke`, ...).
+"""nox sessions. `nox` runs tests, lint and typecheck; tests_full, smoke, bench and slurm are opt-in (`nox -s NAME`).
 
 Extra arguments after `--` reach the tool (e.g. `nox -s tests -- -k replay`). Every install goes through
 constraints.txt (the exact versions CI ran with); `nox -s lock` regenerates it (docs/install.md).

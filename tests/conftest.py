@@ -53,6 +53,17 @@ def tiny_args(
     return ["fit"] + [x for c in configs for x in ("--config", str(c))] + [x for kv in args.items() for x in kv]
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Each test gets the environment the session started with: an in-process fit with ``--torch_threads N`` exports
+    OMP_NUM_THREADS (for its DDP ranks), which would reach every later subprocess fit and change its float results
+    against the session's shared ``straight`` run."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def straight(tmp_path_factory) -> Path:
     """test_checkpoint.py's tiny run made straight through, once for the session: what the killed, signalled and
