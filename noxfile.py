@@ -28,8 +28,8 @@ def install_project(session: nox.Session) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The default suite: unit tests and one end-to-end test (real Procgen) of every guarantee, about 10 minutes on
-    2 cores. The tests marked ``full`` (more variants of those guarantees) run in ``nox -s tests_full``."""
+    """The default suite: unit tests and one end-to-end test (real Procgen) of every guarantee; pytest takes about
+    13 minutes on 2 cores. The tests marked ``full`` (more variants of those guarantees): ``nox -s tests_full``."""
     install_project(session)
     session.run("pytest", "-m", "not full", *(session.posargs or ["-q"]))
 
