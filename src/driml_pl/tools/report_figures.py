@@ -109,14 +109,19 @@ def _band(ax: Axes, x: np.ndarray, ci: np.ndarray | None, color: str) -> None:
         ax.fill_between(x, ci[0], ci[1], color=color, alpha=0.2)
 
 
+def _lines_with_bands(ax: Axes, res: Intervals, x: np.ndarray, ys: dict, cis: dict) -> None:
+    """One line per method, labelled with its runs per game, and its 95% band."""
+    for m in _methods(res):
+        ax.plot(x, ys[m], color=COLORS[m], label=f"{m} ({res.runs[m]} runs/game)")
+        _band(ax, x, cis[m], COLORS[m])
+
+
 def plot_profiles(res: Intervals, label: str, path: Path) -> Path:
     """Performance profiles: the fraction of runs with a normalised score above tau, with 95% bands."""
     fig = _figure(7, 4.4)
     ax = fig.add_subplot()
     assert res.profile_taus is not None
-    for m in _methods(res):
-        ax.plot(res.profile_taus, res.profiles[m], color=COLORS[m], label=f"{m} ({res.runs[m]} runs/game)")
-        _band(ax, res.profile_taus, res.profile_cis[m], COLORS[m])
+    _lines_with_bands(ax, res, res.profile_taus, res.profiles, res.profile_cis)
     ax.set(xlabel=f"normalised score tau ({label})", ylabel="fraction of runs with score > tau", ylim=(-0.02, 1.02),
            title="performance profile (bands: 95% stratified bootstrap)")  # fmt: skip
     ax.grid(alpha=0.3)
@@ -129,9 +134,7 @@ def plot_sample_efficiency(res: Intervals, label: str, path: Path) -> Path:
     fig = _figure(7.5, 4.4)
     ax = fig.add_subplot()
     assert res.curve_steps is not None
-    for m in _methods(res):
-        ax.plot(res.curve_steps, res.curves[m], color=COLORS[m], label=f"{m} ({res.runs[m]} runs/game)")
-        _band(ax, res.curve_steps, res.curve_cis[m], COLORS[m])
+    _lines_with_bands(ax, res, res.curve_steps, res.curves, res.curve_cis)
     ax.set(xlabel="env steps", ylabel=f"IQM normalised return ({label})",
            title="sample efficiency (bands: 95% stratified bootstrap)")  # fmt: skip
     format_env_steps(ax)
