@@ -379,14 +379,13 @@ def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
     finally:
         release_fit_lock()
         restore_ctrl_c()
-    late = next(
-        (c.signal_at_end for c in getattr(cli.trainer, "callbacks", []) if getattr(c, "signal_at_end", None)), None
-    )
+    callbacks = getattr(cli.trainer, "callbacks", [])
+    late = next((c.signal_at_end for c in callbacks if getattr(c, "signal_at_end", None)), None)
     if late:
         print(f"driml_pl: {late} came with the budget's last update: the run finished", file=sys.stderr)
-    if any(getattr(c, "interrupted", False) for c in getattr(cli.trainer, "callbacks", [])):
+    if any(getattr(c, "interrupted", False) for c in callbacks):
         raise SystemExit(stopped(cli.trainer.checkpoint_callback))
-    if any(getattr(c, "terminated", False) for c in getattr(cli.trainer, "callbacks", [])):
+    if any(getattr(c, "terminated", False) for c in callbacks):
         print("driml_pl: stopped by SIGTERM after writing a checkpoint; resume with --ckpt_path last", file=sys.stderr)
         raise SystemExit(143)
 
