@@ -31,7 +31,13 @@ from rich.console import Console
 from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
 from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
 from driml_pl.checkpoint.diskfull import DiskFullError, is_disk_full
-from driml_pl.checkpoint.resume import checkpoint_dir, last_checkpoint, last_checkpoint_in, resume_path
+from driml_pl.checkpoint.resume import (
+    checkpoint_dir,
+    choose_resumable,
+    last_checkpoint,
+    last_checkpoint_in,
+    resume_path,
+)
 from driml_pl.checks import check_config, describe_parse_error
 from driml_pl.data import DRIMLDataModule
 from driml_pl.data.datamodule import resume_settings
@@ -118,7 +124,8 @@ class DRIMLCLI(LightningCLI):
 
     def _check_resume(self) -> None:
         """``fit --ckpt_path``: the checkpoint must load without pickle, be complete and fit the settings; checked
-        before anything is printed or written (the world size is checked once the trainer exists)."""
+        before anything is printed or written (the world size is checked once the trainer exists). A damaged newest
+        unit of a run falls back to the one before it, said in one line (`checkpoint.resume.choose_resumable`)."""
         if self.config.get("subcommand") != "fit":
             return
         config = self.config["fit"]
@@ -129,8 +136,12 @@ class DRIMLCLI(LightningCLI):
         if path is None:
             return  # `last` without a checkpoint yet: Lightning warns and starts afresh
         data = config.data
-        check_resumable(path, resume_settings(data.env.game, data.env.num_envs, data.replay_size, data.frame_stack,
-                                              None))  # fmt: skip
+        chosen, note = choose_resumable(path, resume_settings(data.env.game, data.env.num_envs, data.replay_size,
+                                                              data.frame_stack, None))  # fmt: skip
+        if note is not None:
+            config.ckpt_path = str(chosen)
+            if holds_run_lock():  # global rank 0 (the other ranks of a DDP run make the same choice)
+                print(note, file=sys.stderr)
 
     def _check_eval_checkpoint(self) -> None:
         """``validate``/``test`` evaluate a checkpoint, never freshly initialised weights: without ``--ckpt_path``

@@ -29,7 +29,13 @@ from pytorch_lightning.utilities import rank_zero_warn
 from driml_pl.checkpoint import format
 from driml_pl.checkpoint.diskfull import DiskFullError, UnitGuard, unit_bytes
 from driml_pl.checkpoint.format import CheckpointError, StreamCheckpointer
-from driml_pl.checkpoint.resume import UNIT_KEY, checkpoint_dir, last_checkpoint_in, unit_pointer
+from driml_pl.checkpoint.resume import (
+    UNIT_KEY,
+    checkpoint_dir,
+    last_checkpoint_in,
+    previous_checkpoint_in,
+    unit_pointer,
+)
 from driml_pl.data import DRIMLDataModule, ReplayStream
 from driml_pl.interrupt import Interrupted, agree, announce
 from driml_pl.types import FiniteGuarded
@@ -48,6 +54,9 @@ class CheckpointConfig:
             pre-emption notices.
         on_exception: when the run dies of an exception outside a training step (an exception inside a step, or a
             non-finite loss, leaves the last good checkpoint as it is).
+        keep_previous: keep the unit before the newest as well (``previous.ckpt``, its stream state and the replay
+            segments it references), so that a resume of a damaged newest unit falls back to it. Costs a second
+            weights file and, where units are further apart than the replay holds, a second replay on disk.
     """
 
     every_n_updates: int = 10_000
@@ -55,6 +64,7 @@ class CheckpointConfig:
     save_replay: bool = True
     on_signal: bool = True
     on_exception: bool = True
+    keep_previous: bool = True
 
     def __post_init__(self) -> None:
         if self.every_n_updates < 0:
@@ -89,6 +99,8 @@ class RunCheckpoint(ModelCheckpoint):
         )
         self._half: StreamCheckpointer | None = None  # this rank's half of the unit
         self._unit: str | None = None  # the unit this run last wrote or resumed from
+        self._committed_unit: str | None = None  # the unit of the file below, which the next commit keeps
+        self._committed_file: Path | None = None  # last.ckpt, or previous.ckpt after a fallback resume
 
     # signals -------------------------------------------------------------------------------------------
     def _handler(self, signum: int, frame: Any) -> None:
@@ -208,17 +220,32 @@ class RunCheckpoint(ModelCheckpoint):
                 logger.save()  # every metric logged up to this step is on disk before the commit
             if trainer.is_global_zero:
                 format.flush_file(tmp)
+                self._keep_previous(directory, unit, tmp)
         if trainer.is_global_zero:
             format.commit_file(tmp, last_checkpoint_in(directory))
         trainer.strategy.barrier("driml_pl.checkpoint.commit")
         self.prune(unit)
+        self._committed_unit, self._committed_file = unit, last_checkpoint_in(directory)
         self.last_model_path = str(last_checkpoint_in(directory))
         self.committed = f"{self.last_model_path} (update {int(unit[1:13]):,})"  # for the one-line messages
 
+    def _keep_previous(self, directory: Path, unit: str, tmp: Path) -> None:
+        """Rank 0, before the commit: record the new file's CRC in its unit, and keep the committed unit as
+        ``previous.ckpt``. After a fallback resume ``previous.ckpt`` already holds the unit this run continued from
+        (``last.ckpt`` is the damaged one): it stays."""
+        half = directory / "units" / unit / "rank0"
+        if half.is_dir():
+            format.write_commit_crc(tmp, half)
+        last = last_checkpoint_in(directory)
+        if self.config.keep_previous and self._committed_file == last and last.is_file():
+            format.keep_as_previous(last, previous_checkpoint_in(directory))
+
     def prune(self, unit: str) -> None:
-        """Delete this rank's units other than the committed ``unit`` and the segments it no longer references."""
+        """Delete this rank's units other than the committed ``unit`` (and, with ``keep_previous``, the unit it
+        continued from) and the segments they no longer reference."""
         if self._half is not None:
-            self._half.prune(unit)
+            keep = {unit, self._committed_unit} if self.config.keep_previous else {unit}
+            self._half.prune({u for u in keep if u})
 
     # this rank's half -----------------------------------------------------------------------------------
     def _rank_half(self, trainer: pl.Trainer, directory: Path) -> StreamCheckpointer:
@@ -230,8 +257,9 @@ class RunCheckpoint(ModelCheckpoint):
         """The unit pointer in ``last.ckpt``: which per-rank halves this checkpoint commits."""
         stream = _stream(trainer)
         if stream is not None:
+            # checksum: the unit records this file's size and CRC32 at the commit (`format.write_commit_crc`)
             checkpoint[UNIT_KEY] = {"world_size": trainer.world_size, "global_step": trainer.global_step,
-                                    "updates": stream.updates, "unit": self._unit}  # fmt: skip
+                                    "updates": stream.updates, "unit": self._unit, "checksum": True}  # fmt: skip
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         """On ``fit --ckpt_path``: read this rank's half of the unit into the stream (built by the data module's
@@ -251,7 +279,8 @@ class RunCheckpoint(ModelCheckpoint):
             raise CheckpointError("the checkpoint has no stream state (written by an older driml_pl); start afresh")
         directory = Path(trainer.ckpt_path).parent if trainer.ckpt_path else self._directory(trainer)
         self._rank_half(trainer, directory).read(stream, pointer["unit"], pointer["global_step"], _settings(trainer))
-        self._unit = pointer["unit"]
+        self._unit = self._committed_unit = pointer["unit"]
+        self._committed_file = Path(trainer.ckpt_path) if trainer.ckpt_path else last_checkpoint_in(directory)
 
 
 def _stream(trainer: pl.Trainer) -> ReplayStream | None:

@@ -114,6 +114,7 @@ class UnitGuard:
                 _remove(self.replay_root / name)  # the segment added for this unit (complete or not)
         if self.rank == 0:
             _remove(self.directory / "last.ckpt.tmp")
+            _remove(self.directory / "previous.ckpt.tmp")  # `format.keep_as_previous`'s, if cut short
 
     def __enter__(self) -> UnitGuard:
         return self

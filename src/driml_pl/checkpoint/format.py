@@ -31,6 +31,7 @@ import os
 import shutil
 import sys
 import zlib
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +50,11 @@ STEP_COLUMNS = ("actions", "rewards", "dones")  # times a-1..b-1 of a segment
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed; the message names the file or the config key."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A file of a checkpoint unit is missing, truncated or fails its CRC: the unit is damaged (not misfit), and a
+    resume may fall back to the unit before it (`driml_pl.checkpoint.resume.choose_resumable`)."""
 
 
 # ----------------------------------------------------------------------------------------------- file helpers
@@ -86,6 +92,15 @@ def write_npy(path: Path, array: np.ndarray | torch.Tensor) -> int:
     return crc
 
 
+def file_crc(path: Path) -> int:
+    """The CRC32 of a whole file, read in chunks."""
+    crc = 0
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 class _NpyReader:
     """Reads a .npy file sequentially into tensors (host or device), hashing every byte; `close` checks the size and
     the CRC. Nothing is read twice and nothing is held beyond one chunk (device) or nothing at all (host)."""
@@ -93,23 +108,23 @@ class _NpyReader:
     def __init__(self, path: Path, shape: tuple[int, ...], dtype: torch.dtype, crc: int | None) -> None:
         self.path, self.expected_crc = path, crc
         if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing")
+            raise CheckpointDamaged(f"checkpoint file {path} is missing")
         self.file = path.open("rb")
         header = _npy_header(shape, dtype)
         found = self.file.read(len(header))
         if found != header:
             self.file.close()
-            raise CheckpointError(f"checkpoint file {path} is corrupt or does not hold a {dtype} array of {shape}")
+            raise CheckpointDamaged(f"checkpoint file {path} is corrupt or does not hold a {dtype} array of {shape}")
         self.crc = zlib.crc32(found)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         expected_size = len(header) + itemsize * int(np.prod(shape, dtype=np.int64))
         if os.fstat(self.file.fileno()).st_size != expected_size:
             self.file.close()
-            raise CheckpointError(f"checkpoint file {path} is truncated or has trailing bytes")
+            raise CheckpointDamaged(f"checkpoint file {path} is truncated or has trailing bytes")
 
     def _read(self, view: memoryview) -> None:
         if self.file.readinto(view) != len(view):
-            raise CheckpointError(f"checkpoint file {self.path} is truncated")
+            raise CheckpointDamaged(f"checkpoint file {self.path} is truncated")
         self.crc = zlib.crc32(view, self.crc)
 
     def skip(self, nbytes: int) -> None:
@@ -135,19 +150,19 @@ class _NpyReader:
         self.crc = zlib.crc32(rest, self.crc)
         self.file.close()
         if rest or (self.expected_crc is not None and self.crc != self.expected_crc):
-            raise CheckpointError(f"checkpoint file {self.path} is corrupt (CRC mismatch: truncated or altered)")
+            raise CheckpointDamaged(f"checkpoint file {self.path} is corrupt (CRC mismatch: truncated or altered)")
 
 
 def _load_small_npy(path: Path, crc: int) -> np.ndarray:
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing")
+        raise CheckpointDamaged(f"checkpoint file {path} is missing")
     data = path.read_bytes()
     if zlib.crc32(data) != crc:
-        raise CheckpointError(f"checkpoint file {path} is corrupt (CRC mismatch: truncated or altered)")
+        raise CheckpointDamaged(f"checkpoint file {path} is corrupt (CRC mismatch: truncated or altered)")
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except ValueError as err:
-        raise CheckpointError(f"checkpoint file {path} is corrupt ({err})") from None
+        raise CheckpointDamaged(f"checkpoint file {path} is corrupt ({err})") from None
 
 
 # ------------------------------------------------------------------------------------------------- replay
@@ -162,15 +177,15 @@ def check_meta(saved: dict[str, Any], meta: dict[str, Any]) -> None:
 def read_state(path: Path) -> dict[str, Any]:
     """A rank's ``state.json``, checked against its ``state.crc``."""
     if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing (the checkpoint unit is incomplete)")
+        raise CheckpointDamaged(f"checkpoint file {path} is missing (the checkpoint unit is incomplete)")
     body = path.read_bytes()
     crc_path = path.with_name("state.crc")
     if not crc_path.is_file() or crc_path.read_text().strip() != str(zlib.crc32(body)):
-        raise CheckpointError(f"checkpoint file {path} is corrupt (CRC mismatch: truncated or altered)")
+        raise CheckpointDamaged(f"checkpoint file {path} is corrupt (CRC mismatch: truncated or altered)")
     try:
         return json.loads(body)
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint file {path} is corrupt ({err})") from None
+        raise CheckpointDamaged(f"checkpoint file {path} is corrupt ({err})") from None
 
 
 def _column_times(column: str, first: int, last: int) -> tuple[int, int]:
@@ -257,6 +272,7 @@ class StreamCheckpointer:
         self.directory, self.rank, self.save_replay = directory, rank, save_replay
         self.segments: list[dict[str, Any]] = []  # the replay's segments as of the last written unit
         self.flushed_t = -1  # newest time written to segments
+        self.unit_segments: dict[str, list[str]] = {}  # unit -> the segments it references (for `prune`)
 
     @property
     def replay_root(self) -> Path:
@@ -318,13 +334,14 @@ class StreamCheckpointer:
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         fsync_dir(target.parent)
+        self.unit_segments[unit] = [s["name"] for s in self.segments]
 
     def read(self, stream: ReplayStream, unit: str, step: int, meta: dict[str, Any]) -> None:
         directory = self.unit_dir(unit)
         path = directory / "state.json"
         document = read_state(path)
         if document.get("format") != FORMAT or document.get("global_step") != step:
-            raise CheckpointError(f"checkpoint file {path} does not belong to the checkpoint of update {step}")
+            raise CheckpointDamaged(f"checkpoint file {path} does not belong to the checkpoint of update {step}")
         check_meta(document["meta"], meta)
         replay_doc = document["replay"]
         replay = stream.collector.replay
@@ -352,13 +369,26 @@ class StreamCheckpointer:
             stream.load_state_dict(state, replay_restored=False)
         self.segments = list(replay_doc["segments"]) if replay_doc["saved"] else []
         self.flushed_t = int(replay_doc["t"]) if replay_doc["saved"] else -1
+        self.unit_segments = {unit: [s["name"] for s in self.segments]}
 
-    def prune(self, keep_unit: str) -> None:
-        """Delete this rank's units other than ``keep_unit`` and the segments its replay no longer references."""
+    def segments_of(self, unit: str) -> list[str]:
+        """The segments ``unit`` references: known if this process wrote or read it, else from its state.json (a
+        damaged one references nothing worth keeping)."""
+        if unit not in self.unit_segments:
+            try:
+                replay = read_state(self.unit_dir(unit) / "state.json")["replay"]
+                self.unit_segments[unit] = [s["name"] for s in replay["segments"]] if replay["saved"] else []
+            except (CheckpointError, KeyError, TypeError):
+                self.unit_segments[unit] = []
+        return self.unit_segments[unit]
+
+    def prune(self, keep_units: Collection[str]) -> None:
+        """Delete this rank's units other than ``keep_units`` and the segments none of them references."""
+        keep_units = set(keep_units)
         units = self.directory / "units"
         if units.is_dir():
             for unit in units.iterdir():
-                if unit.name == keep_unit:
+                if unit.name in keep_units:
                     continue
                 shutil.rmtree(unit / f"rank{self.rank}", ignore_errors=True)
                 # every rank prunes at once: the unit goes with whichever rank empties it last. rmdir is atomic; it
@@ -366,7 +396,8 @@ class StreamCheckpointer:
                 # "is it empty?" listing could find the directory gone in between: the 2-rank test's rare failure)
                 with contextlib.suppress(OSError):
                     unit.rmdir()
-        keep = {s["name"] for s in self.segments}
+        keep = {name for unit in keep_units for name in self.segments_of(unit)}
+        self.unit_segments = {u: names for u, names in self.unit_segments.items() if u in keep_units}
         if self.replay_root.is_dir():
             for seg in self.replay_root.iterdir():
                 if seg.name not in keep:
@@ -394,15 +425,77 @@ def check_segment_sizes(root: Path, replay: dict[str, Any]) -> None:
             expected = len(_npy_header(shape, dtype)) + torch.empty(0, dtype=dtype).element_size() * int(np.prod(shape))
             path = root / seg["name"] / f"{column}.npy"
             if not path.is_file():
-                raise CheckpointError(f"checkpoint file {path} is missing")
+                raise CheckpointDamaged(f"checkpoint file {path} is missing")
             if path.stat().st_size != expected:
-                raise CheckpointError(f"checkpoint file {path} is truncated or has trailing bytes")
+                raise CheckpointDamaged(f"checkpoint file {path} is truncated or has trailing bytes")
+
+
+def check_unit_files(unit_dir: Path, document: dict[str, Any]) -> None:
+    """A rank's small arrays (generator, emulator states) have the CRCs its ``state.json`` recorded."""
+    for name, crc in document.get("crc", {}).items():
+        path = unit_dir / name
+        if not path.is_file():
+            raise CheckpointDamaged(f"checkpoint file {path} is missing")
+        if file_crc(path) != crc:
+            raise CheckpointDamaged(f"checkpoint file {path} is corrupt (CRC mismatch: truncated or altered)")
+
+
+def check_segment_crcs(root: Path, replay: dict[str, Any], skip: Collection[str]) -> None:
+    """Every segment file a unit references, but those of the segments named in ``skip``, has its recorded CRC."""
+    if not replay.get("saved"):
+        return
+    for seg in replay["segments"]:
+        if seg["name"] in skip:
+            continue
+        for column, crc in seg["crc"].items():
+            path = root / seg["name"] / f"{column}.npy"
+            if file_crc(path) != crc:
+                raise CheckpointDamaged(f"checkpoint file {path} is corrupt (CRC mismatch: truncated or altered)")
 
 
 def flush_file(path: Path) -> None:
     """``path``'s bytes on the disk (before the commit renames it)."""
     with path.open("rb") as f:
         os.fsync(f.fileno())
+
+
+COMMIT_CRC = "ckpt.crc"  # in units/<unit>/rank0/: the size and CRC32 of the unit's Lightning checkpoint
+
+
+def write_commit_crc(ckpt: Path, unit_dir: Path) -> None:
+    """Record the size and CRC32 of ``ckpt`` (complete, flushed, not yet renamed) in its unit, for the resume's
+    verification (`check_commit_crc`)."""
+    path = unit_dir / COMMIT_CRC
+    path.write_text(json.dumps({"size": ckpt.stat().st_size, "crc": file_crc(ckpt)}))
+    flush_file(path)
+
+
+def check_commit_crc(ckpt: Path, unit_dir: Path) -> None:
+    """``ckpt`` has the size and CRC32 its unit recorded at the commit; raises `CheckpointDamaged` if not."""
+    path = unit_dir / COMMIT_CRC
+    if not path.is_file():
+        raise CheckpointDamaged(f"checkpoint file {path} is missing (the checksum of {ckpt.name})")
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointDamaged(f"checkpoint file {path} is corrupt") from None
+    if ckpt.stat().st_size != recorded.get("size") or file_crc(ckpt) != recorded.get("crc"):
+        raise CheckpointDamaged(f"checkpoint file {ckpt} is corrupt (CRC mismatch: truncated or altered)")
+
+
+def keep_as_previous(last: Path, previous: Path) -> None:
+    """Make ``previous`` the committed ``last`` (a hard link: no copy) before a new commit replaces ``last``. A crash
+    in between leaves both naming the same unit."""
+    tmp = previous.with_name(previous.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(last, tmp)
+    except OSError:  # a filesystem without hard links
+        shutil.copyfile(last, tmp)
+        flush_file(tmp)
+    os.replace(tmp, previous)
+    fsync_dir(previous.parent)
 
 
 def commit_file(tmp: Path, final: Path) -> None:
