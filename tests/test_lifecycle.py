@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, tiny_args
 from support.faults import Faults, command
 from test_checkpoint import BUDGET, EXTRA, assert_same_run, final_state, fit
@@ -51,15 +52,19 @@ def kept(ckpt: Path, step: int) -> str:
 
 
 def assert_only_the_committed_unit(checkpoints: Path) -> None:
-    """The directory holds last.ckpt, the one unit it names and exactly the segments that unit references: no
-    last.ckpt.tmp, no temporary directory, no other unit, no stray segment."""
-    unit = final_state(checkpoints.parent)["driml_unit"]["unit"]
-    assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "replay", "units"]
-    assert [p.name for p in (checkpoints / "units").iterdir()] == [unit]
-    assert [p.name for p in (checkpoints / "units" / unit).iterdir()] == ["rank0"]
-    state = json.loads((checkpoints / "units" / unit / "rank0" / "state.json").read_text())
-    segments = sorted(s["name"] for s in state["replay"]["segments"])
-    assert sorted(p.name for p in (checkpoints / "replay" / "rank0").iterdir()) == segments
+    """The directory holds last.ckpt and previous.ckpt (once two units were committed), the units they name and
+    exactly the segments those units reference: no .tmp file, no temporary directory, no other unit, no stray
+    segment."""
+    files = ["last.ckpt"] + (["previous.ckpt"] if (checkpoints / "previous.ckpt").exists() else [])
+    units = {torch.load(checkpoints / f, map_location="cpu", weights_only=True)["driml_unit"]["unit"] for f in files}
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted([*files, "replay", "units"])
+    assert {p.name for p in (checkpoints / "units").iterdir()} == units
+    segments: set[str] = set()
+    for unit in units:
+        assert [p.name for p in (checkpoints / "units" / unit).iterdir()] == ["rank0"]
+        state = json.loads((checkpoints / "units" / unit / "rank0" / "state.json").read_text())
+        segments.update(s["name"] for s in state["replay"]["segments"])
+    assert {p.name for p in (checkpoints / "replay" / "rank0").iterdir()} == segments
     check_resumable(checkpoints / "last.ckpt", {})
 
 
