@@ -53,15 +53,21 @@ def tiny_args(
     return ["fit"] + [x for c in configs for x in ("--config", str(c))] + [x for kv in args.items() for x in kv]
 
 
+SESSION_ENVIRON = dict(os.environ)  # at collection, before any fixture or test ran
+
+
 @pytest.fixture(autouse=True)
 def _restore_environ():
-    """Each test gets the environment the session started with: an in-process fit with ``--torch_threads N`` exports
-    OMP_NUM_THREADS (for its DDP ranks), which would reach every later subprocess fit and change its float results
-    against the session's shared ``straight`` run."""
-    saved = dict(os.environ)
+    """Each test ends with the environment the session started with: an in-process fit with ``--torch_threads N``
+    exports OMP_NUM_THREADS (for its DDP ranks), which would reach every later subprocess fit and change its float
+    results against the session's shared ``straight`` run. The snapshot is the session's, not the test's: a module or
+    session fixture is set up before this function-scoped one, so a snapshot taken here would keep what it exported."""
     yield
+    current = os.environ.get("PYTEST_CURRENT_TEST")  # pytest's own, removed by pytest after the teardown
     os.environ.clear()
-    os.environ.update(saved)
+    os.environ.update(SESSION_ENVIRON)
+    if current is not None:
+        os.environ["PYTEST_CURRENT_TEST"] = current
 
 
 @pytest.fixture(scope="session")

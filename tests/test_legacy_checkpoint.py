@@ -21,6 +21,7 @@ Two claims, and where each holds:
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -73,11 +74,13 @@ def assert_bitwise(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def legacy_resumed(tmp_path_factory) -> dict:
-    threads = torch.get_num_threads()
+    threads, environ = torch.get_num_threads(), dict(os.environ)
     try:
         return resume(tmp_path_factory.mktemp("legacy") / "run")
-    finally:
+    finally:  # --torch_threads 1 set this process's threads and exported OMP_NUM_THREADS=1: later fits get neither
         torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def test_a_checkpoint_written_before_the_redesign_resumes_as_the_same_state_in_todays_layout(legacy_resumed, tmp_path):
