@@ -1,7 +1,6 @@
 """`python -m driml_pl fit|validate|test --config conf/....yaml`: LightningCLI with the project's defaults.
 
-Also `python -m driml_pl report RUNS... --out DIR` (`driml_pl.tools.report`) and `python -m driml_pl plot RUN_DIR`
-(`driml_pl.tools.plots`).
+The other commands (``plot``, ``report``, ``grid``), the top-level help and ``--version`` are `driml_pl.commands`'.
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ from driml_pl.checkpoint.resume import (
     resume_path,
 )
 from driml_pl.checks import check_config, describe_parse_error
+from driml_pl.commands import COMMANDS, DESCRIPTION, PROG, TRAINER_COMMANDS, dispatch
 from driml_pl.data import DRIMLDataModule
 from driml_pl.data.datamodule import resume_settings
 from driml_pl.interrupt import Interrupted, on_ctrl_c, restore_ctrl_c
@@ -91,13 +91,27 @@ def _with_timeout(strategy: Any, seconds: float) -> Any:
 
 
 class DRIMLCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's subcommands but ``predict``, which needs a ``forward`` this LightningModule does not have."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in TRAINER_COMMANDS}
+
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         """Parse errors raise (no usage dump) so `parse_arguments` can report them in one line; no abbreviated keys,
         so a misspelt key is refused instead of silently setting another one."""
         quiet_warnings()
         kwargs.setdefault("exit_on_error", False)
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("prog", PROG)  # not sys.argv[0] (``__main__.py`` under ``python -m driml_pl``)
+        kwargs.setdefault("description", DESCRIPTION)
         return super().init_parser(**kwargs)
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """``fit --help`` says ``usage: driml_pl fit ...`` and the command's line of the top-level help."""
+        super()._add_subcommands(parser, **kwargs)
+        for name, subparser in self._subcommand_parsers.items():
+            subparser.prog = f"{PROG} {name}"
+            subparser.description = f"{PROG} {name}: {COMMANDS[name]}"
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then check every value (`driml_pl.checks`) before anything is built, printed or written."""
@@ -342,18 +356,7 @@ def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
     """``python -m driml_pl ...``; ``model`` is the LightningModule class the CLI builds: a subclass of `DRIML` with
     extra ``__init__`` arguments gets them as ``model.*`` config keys (docs/architecture.md)."""
     argv = sys.argv[1:] if args is None else args
-    if argv[:1] == ["report"]:
-        from driml_pl.tools.report import main as report_main
-
-        raise SystemExit(report_main(argv[1:]))
-    if argv[:1] == ["plot"]:
-        from driml_pl.tools.plots import main as plot_main
-
-        raise SystemExit(plot_main(argv[1:]))
-    if argv[:1] == ["grid"]:
-        from driml_pl.tools.launch import main as grid_main
-
-        raise SystemExit(grid_main(argv[1:]))
+    dispatch(argv)  # help, --version, plot/report/grid, a bad command: answered (and exited) there
     quiet_warnings()
     from driml_pl.bundled import resolve_config_args
 
