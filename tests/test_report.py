@@ -13,6 +13,7 @@ import yaml
 from scipy import stats
 
 from driml_pl.envs import GAMES
+from driml_pl.tools.intervals import estimate_all, normalise
 from driml_pl.tools.report import METHODS, PAPER_TABLE, Run, classify, load_run, main, normalised_scores
 
 
@@ -97,9 +98,9 @@ METHOD_CONFIG = {
 }
 
 
-def _curve(final: float, last: int, start: int = 100) -> list[tuple[int, float]]:
-    """Rows every 100 env steps up to `last`; the rows in the last 10% average to `final`, earlier rows return 0."""
-    steps = list(range(start, last + 1, 100))
+def _curve(final: float, last: int, start: int = 100, every: int = 100) -> list[tuple[int, float]]:
+    """Rows every `every` env steps up to `last`; the rows in the last 10% average to `final`, earlier rows return 0."""
+    steps = list(range(start, last + 1, every))
     window = [s for s in steps if s >= 0.9 * last]
     offsets = np.linspace(-1.0, 1.0, len(window)) if len(window) > 1 else [0.0]
     late = dict(zip(window, offsets, strict=True))
@@ -173,18 +174,23 @@ def test_report_end_to_end(runs_root: Path, tmp_path: Path, capsys: pytest.Captu
         "| coinrun | 10.00±1.63 (3 seeds) / 29.70±5.44 | 5.00±0.82 (3 seeds) / 13.15±1.21 "
         "| 8.00±1.00 (2 seeds) / 27.24±1.92 |"
     ) in lines
-    assert "| jumper | 4.00±1.41 (3 seeds) / 13.22±0.83 | — / 4.31±0.64 | 4.00±1.63 (3 seeds) / 12.64±0.64 |" in lines
+    # jumper / DRIML-fix seed 2 stopped at 500 of 1,000 env steps: its 6.0 is left out of (2, 4, 6)
+    assert (
+        "| jumper | 4.00±1.41 (3 seeds) / 13.22±0.83 | — / 4.31±0.64 "
+        "| 3.00±1.00 (2 seeds; 1 unfinished left out) / 12.64±0.64 |"
+    ) in lines
     # only coinrun has all three methods: ours (10, 5, 8) -> (1, 0, 0.6); paper (29.7, 13.15, 27.24) -> (1, 0, 0.85)
     assert "| **Norm. score** | 1.00 / 1.00 | 0.00 / 0.00 | 0.60 / 0.85 |" in lines
     missing = text.split("## Missing data")[1].split("## Runs")[0]
-    assert "- Norm. score uses only the 1 games with runs for every method: ['coinrun']" in missing
+    assert "- Norm. score uses only the 1 games with a number for every method: ['coinrun']" in missing
     assert "- jumper: no runs for DRIML-noact" in missing
     assert "- coinrun / DRIML-fix: 2 seeds (max 3)" in missing
+    assert "- jumper / DRIML-fix: 2 seeds (max 3)" in missing
     short = runs_root / "jumper-DRIML-fix-s2"
-    assert f"- {short} (jumper, DRIML-fix, seed 2): reached 500 of 1,000 env steps (50%)" in missing
+    assert f"- {short} (jumper, DRIML-fix, seed 2): reached 500 of 1,000 env steps (50%); left out" in missing
     resumed = runs_root / "coinrun-C51-s1"
     assert f"- {resumed} (coinrun, C51, seed 1): 2 rows logged before a resume were redone after it" in missing
-    assert len([line for line in missing.splitlines() if line.startswith("- ")]) == 5
+    assert len([line for line in missing.splitlines() if line.startswith("- ")]) == 6
     assert f"| {short} | jumper | DRIML-fix | 2 | 6.000 | 500 / 1,000 |" in lines
     for game in ("coinrun", "jumper"):
         png = out / f"curves_{game}.png"
@@ -328,3 +334,148 @@ def test_up_to_scores_every_run_at_equal_env_steps(runs_root: Path, tmp_path: Pa
     assert blob["per_game"]["jumper"]["C51"]["scores"] == [0.0, 0.0, 0.0]
     assert blob["per_game"]["coinrun"]["C51"]["scores"] == [0.0, 0.0, 0.0]
     assert f"| {runs_root / 'coinrun-C51-s0'} | coinrun | C51 | 0 | 0.000 | 500 / 1,000 |" in text
+    # jumper / DRIML-fix seed 2 stopped at 500 of its 1,000: it reached the --up-to point, so it counts as finished
+    assert blob["unfinished"]["runs"] == [] and blob["per_game"]["jumper"]["DRIML-fix"]["runs"] == 3
+    assert "unfinished left out" not in text and "**Finished runs only**" not in text and "); left out" not in text
+
+
+# ------------------------------------------------------------------------------------------ unfinished runs
+SHORT_GRID = {
+    ("coinrun", "C51"): [10.0, 12.0, 30.0],  # seed 2 stops at 140 of 1,000 env steps (14%)
+    ("coinrun", "DRIML-fix"): [14.0, 16.0, 18.0],
+    ("jumper", "C51"): [3.0, 5.0, 4.0],
+    ("jumper", "DRIML-fix"): [7.0, 9.0, 8.0],
+}
+
+
+@pytest.fixture
+def short_root(tmp_path: Path) -> Path:
+    root = tmp_path / "grid"
+    for (game, method), scores in SHORT_GRID.items():
+        for seed, final in enumerate(scores):
+            unfinished = (game, method, seed) == ("coinrun", "C51", 2)
+            rows = _curve(final, 140, start=10, every=10) if unfinished else _curve(final, 1000)
+            _write_run(root / f"{game}-{method}-s{seed}", game, method, seed, [rows])
+    return root
+
+
+def _expected(finals: dict[str, np.ndarray], reps: int = 300) -> dict[str, Any]:
+    """``intervals.estimate_all`` on (runs, games) matrices of raw scores over (coinrun, jumper), min-max normalised
+    as the report does (per game, 0 = the worse method's mean, 1 = the better's)."""
+    games = ["coinrun", "jumper"]
+    means = {g: [float(s[:, j].mean()) for s in finals.values()] for j, g in enumerate(games)}
+    lo, hi = {g: min(v) for g, v in means.items()}, {g: max(v) for g, v in means.items()}
+    normalised = {m: normalise(s, games, lo, hi) for m, s in finals.items()}
+    return estimate_all(normalised, None, None, games, reps).to_json()
+
+
+def _same_intervals(got: dict[str, Any], want: dict[str, Any]) -> None:
+    for key in ("games", "runs", "aggregates", "improvement_over_C51", "profile_taus", "profiles", "profile_cis"):
+        assert got[key] == want[key], key
+
+
+def test_unfinished_runs_are_left_out_by_default(
+    short_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    blob = _report(short_root, out)
+    short = short_root / "coinrun-C51-s2"
+    assert capsys.readouterr().err.splitlines() == [
+        "driml_pl report: 1 unfinished run(s) left out of the table and the intervals (--include-unfinished "
+        f"averages them in): {short} (coinrun, C51, seed 2) reached 140 of 1,000 env steps (14%)"
+    ]
+    text = (out / "report.md").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    # (10, 12) without the unfinished 30
+    assert (
+        "| coinrun | 11.00±1.00 (2 seeds; 1 unfinished left out) / 29.70±5.44 | 16.00±1.63 (3 seeds) / 27.24±1.92 |"
+    ) in lines
+    assert "| jumper | 4.00±0.82 (3 seeds) / 13.22±0.83 | 8.00±0.82 (3 seeds) / 12.64±0.64 |" in lines
+    assert lines[2].startswith("**Finished runs only**: runs short of the budget are left out of the table, the "
+                               "intervals and their figures (1 here, listed under Missing data)")  # fmt: skip
+    assert f"- {short} (coinrun, C51, seed 2): reached 140 of 1,000 env steps (14%); left out" in lines
+    assert blob["unfinished"] == {"included": False, "up_to": None, "runs": [
+        {"path": str(short), "game": "coinrun", "method": "C51", "seed": 2, "env_steps": 140.0, "compared_at": 1000}
+    ]}  # fmt: skip
+    # the intervals: C51 keeps its two finished seeds on both games (the lowest seeds, equal per game)
+    c51, fix = np.array([[10.0, 3.0], [12.0, 5.0]]), np.array([[14.0, 7.0], [16.0, 9.0], [18.0, 8.0]])
+    _same_intervals(blob["minmax"], _expected({"C51": c51, "DRIML-fix": fix}))
+    assert blob["minmax"]["runs"] == {"C51": 2, "DRIML-fix": 3}
+    assert blob["minmax"]["improvement_over_C51"]["DRIML-fix"]["point"] == 1.0  # 30 would beat every DRIML-fix run
+    assert "| C51 | 2 x 2 (1 unfinished left out) | " in text and "| DRIML-fix | 3 x 2 | " in text
+    assert blob["minmax"]["curve_env_steps"][-1] == 1000  # the 14% run would end the curves at 140
+    coinrun = blob["per_game"]["coinrun"]
+    assert coinrun["C51"]["scores"] == [10.0, 12.0] and coinrun["C51"]["unfinished"] == 1
+    assert coinrun["C51"]["mean"]["point"] == pytest.approx(11.0)
+    assert coinrun["DRIML-fix"]["improvement_over_C51"]["point"] == 1.0
+    assert "| coinrun | C51 | 2 (1 unfinished left out) | 11.00 [" in text
+
+
+def test_include_unfinished_reproduces_the_averages_and_marks_them(
+    short_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "out"
+    blob = _report(short_root, out, "--include-unfinished")
+    short = short_root / "coinrun-C51-s2"
+    assert capsys.readouterr().err.splitlines() == [
+        "driml_pl report: 1 unfinished run(s) averaged in (--include-unfinished): "
+        f"{short} (coinrun, C51, seed 2) reached 140 of 1,000 env steps (14%)"
+    ]
+    text = (out / "report.md").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    # (10, 12, 30): mean 17.33, np.std 8.99
+    cell = "| coinrun | 17.33±8.99 (3 seeds{}) / 29.70±5.44 | 16.00±1.63 (3 seeds) / 27.24±1.92 |"
+    assert cell.format("; 1 unfinished included") in lines
+    assert lines[2].startswith(
+        "**Unfinished runs included** (`--include-unfinished`): runs short of the budget are "
+        "averaged in, scored on the env steps they reached (1 here, listed under Missing data)"
+    )
+    progress = "reached 140 of 1,000 env steps (14%); averaged in (`--include-unfinished`)"
+    assert f"- {short} (coinrun, C51, seed 2): {progress}" in lines
+    assert blob["unfinished"]["included"] is True and [r["seed"] for r in blob["unfinished"]["runs"]] == [2]
+    c51 = np.array([[10.0, 3.0], [12.0, 5.0], [30.0, 4.0]])
+    _same_intervals(blob["minmax"], _expected({"C51": c51, "DRIML-fix": np.array([[14.0, 7.0], [16.0, 9.0],
+                                                                                   [18.0, 8.0]])}))  # fmt: skip
+    # coinrun: 6 of the 9 pairs beat C51 (all but those against the 30); jumper: all 9
+    assert blob["minmax"]["improvement_over_C51"]["DRIML-fix"]["point"] == pytest.approx((6 / 9 + 1) / 2)
+    assert blob["per_game"]["coinrun"]["DRIML-fix"]["improvement_over_C51"]["point"] == pytest.approx(6 / 9)
+    assert "| C51 | 3 x 2 (1 unfinished included) | " in text
+    assert "| coinrun | C51 | 3 (1 unfinished included) | 17.33 [" in text
+    # the numbers are the ones the report gives when that run counts as finished (a budget of 140), unmarked
+    config = short / "logs" / "version_0" / "config.yaml"
+    edited = yaml.safe_load(config.read_text())
+    edited["data"]["total_env_steps"] = 140
+    config.write_text(yaml.safe_dump(edited))
+    plain = _report(short_root, tmp_path / "plain")
+    plain_text = (tmp_path / "plain" / "report.md").read_text(encoding="utf-8")
+    assert cell.format("") in plain_text.splitlines() and "1 unfinished" not in plain_text
+    assert plain["minmax"] == blob["minmax"] and plain["unfinished"]["runs"] == []
+    for game, methods in plain["per_game"].items():
+        for method, entry in methods.items():
+            assert entry == {**blob["per_game"][game][method], "unfinished": 0}
+
+
+def test_a_cell_of_unfinished_runs_only_says_so_and_up_to_can_finish_it(tmp_path: Path) -> None:
+    root = tmp_path / "grid"
+    for seed, final in enumerate([3.0, 5.0]):
+        _write_run(root / f"C51-s{seed}", "jumper", "C51", seed, [_curve(final, 1000)])
+    _write_run(root / "fix-s0", "jumper", "DRIML-fix", 0, [_curve(7.0, 140, start=10, every=10)])
+    blob = _report(root, tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert (
+        "| jumper | 4.00±1.00 (2 seeds) / 13.22±0.83 | — (no finished seed; 1 unfinished left out) / 12.64±0.64 |"
+    ) in text
+    assert "- jumper: only unfinished runs for DRIML-fix, left out" in text
+    assert "- DRIML-fix: only unfinished runs, left out of the intervals" in text
+    assert list(blob["minmax"]["aggregates"]) == ["C51"] and list(blob["per_game"]["jumper"]) == ["C51"]
+    # --up-to 500: the run is compared at 500 env steps, which it did not reach either
+    _report(root, tmp_path / "at500", "--up-to", "500")
+    text = (tmp_path / "at500" / "report.md").read_text(encoding="utf-8")
+    progress = "reached 140 of 500 env steps (28% of --up-to); left out"
+    assert f"- {root / 'fix-s0'} (jumper, DRIML-fix, seed 0): {progress}" in text
+    assert "runs short of the budget or 500 env steps (whichever is lower) are left out" in text
+    # --up-to 100: every run reached 100 env steps, so all count (rows before 900 env steps return 0)
+    blob = _report(root, tmp_path / "at100", "--up-to", "100")
+    text = (tmp_path / "at100" / "report.md").read_text(encoding="utf-8")
+    assert "| jumper | 0.00±0.00 (2 seeds) / 13.22±0.83 | 0.00±0.00 (1 seed) / 12.64±0.64 |" in text
+    assert blob["unfinished"]["runs"] == [] and "**Finished runs only**" not in text

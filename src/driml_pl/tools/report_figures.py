@@ -3,7 +3,7 @@ sample-efficiency curves (the statistics come from `driml_pl.tools.intervals`; t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,9 +29,12 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def plot_game(game: str, runs: Sequence[Run], random: float | None, path: Path) -> Path:
+def plot_game(
+    game: str, runs: Sequence[Run], random: float | None, path: Path, unfinished: Collection[Path] = ()
+) -> Path:
     """Each method's mean rollout return over seeds (band: +-1 std over seeds), the paper's 50M values and the random
-    policy as horizontal lines."""
+    policy as horizontal lines. Every run is drawn over the env steps it reached; the legend counts the runs whose
+    paths are in ``unfinished``."""
     fig = _figure(7.5, 4.6)
     ax = fig.add_subplot()
     for method in (m for m in METHODS if any(r.method == m for r in runs)):
@@ -45,7 +48,9 @@ def plot_game(game: str, runs: Sequence[Run], random: float | None, path: Path) 
         mean = np.where(present.any(axis=0), np.where(present, ys, 0.0).sum(axis=0) / count, np.nan)
         std = np.sqrt(np.where(present, (ys - mean) ** 2, 0.0).sum(axis=0) / count)
         color = COLORS[method]
-        ax.plot(grid, mean, color=color, label=f"{method}: mean of {len(curves)} seed(s), band ±1 std")
+        short = sum(r.path in unfinished for r in curves)
+        seeds = f"{len(curves)} seed(s)" + (f", {short} unfinished" if short else "")
+        ax.plot(grid, mean, color=color, label=f"{method}: mean of {seeds}, band ±1 std")
         ax.fill_between(grid, mean - std, mean + std, color=color, alpha=0.2)
         ax.axhline(PAPER_TABLE[game][method][0], color=color, linestyle="--", linewidth=1,
                    label=f"{method}: paper, 50M env steps")  # fmt: skip

@@ -14,7 +14,7 @@ import numpy as np
 
 from driml_pl.tools.intervals import AGGREGATES, BASELINE, Estimate, Intervals, aggregate, estimate_all, improvement
 from driml_pl.tools.intervals import normalise as normalise_matrix
-from driml_pl.tools.runs import METHODS, PAPER_TABLE, RANDOM_RETURNS, Run
+from driml_pl.tools.runs import METHODS, PAPER_TABLE, RANDOM_RETURNS, Run, Unfinished
 
 CURVE_POINTS = 25
 NORM_TITLES = {
@@ -25,7 +25,8 @@ NORM_TITLES = {
 
 @dataclass
 class Study:
-    """The runs as matrices: ``finals[m]`` is (runs, games), ``curves[m]`` (runs, games, points) at ``steps``."""
+    """The runs as matrices: ``finals[m]`` is (runs, games), ``curves[m]`` (runs, games, points) at ``steps``;
+    ``used[m]`` holds the runs behind them per game, ``left_out`` the unfinished runs the statistics do not use."""
 
     methods: list[str]
     games: list[str]
@@ -34,6 +35,13 @@ class Study:
     steps: np.ndarray | None = None
     seeds: dict[str, list[list[int | None]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    used: dict[str, list[list[Run]]] = field(default_factory=dict)
+    left_out: list[Run] = field(default_factory=list)
+
+    def pool(self, method: str, games: Sequence[str]) -> list[Run]:
+        """The runs of ``method`` on ``games`` that the matrices use, then those left out as unfinished."""
+        used = [r for g, rs in zip(self.games, self.used[method], strict=True) if g in games for r in rs]
+        return used + [r for r in self.left_out if r.method == method and r.game in games]
 
 
 def random_return(game: str, runs: Sequence[Run], given: Mapping[str, float]) -> tuple[float, str] | None:
@@ -48,15 +56,21 @@ def random_return(game: str, runs: Sequence[Run], given: Mapping[str, float]) ->
     return RANDOM_RETURNS.get((game, levels, start, mode))
 
 
-def build_study(runs: Sequence[Run], points: int = CURVE_POINTS) -> Study:
-    """Matrices over the games where every method present has a scored run (the lowest seeds, equal per game)."""
-    scored = [r for r in runs if r.env_steps.size]
+def build_study(runs: Sequence[Run], unfinished: Unfinished | None = None, points: int = CURVE_POINTS) -> Study:
+    """Matrices over the games where every method present has a counted run (the lowest seeds, equal per game).
+
+    A run counts when ``unfinished.counts`` it (by default: every scored run)."""
+    unfinished = unfinished or Unfinished()
+    scored = unfinished.counted(runs)
     methods = [m for m in METHODS if any(r.method == m for r in scored)]
     games = [g for g in PAPER_TABLE if all(any(r.game == g and r.method == m for r in scored) for m in methods)]
-    study = Study(methods, games)
+    study = Study(methods, games, left_out=[r for r in runs if r.env_steps.size and not unfinished.counts(r)])
+    short = [m for m in METHODS if m not in methods and any(r.method == m for r in study.left_out)]
+    if short:
+        study.notes.append(f"{', '.join(short)}: only unfinished runs, left out of the intervals")
     if not games:
         return study
-    used: dict[str, list[list[Run]]] = {}
+    used = study.used
     for m in methods:
         per_game = [sorted((r for r in scored if r.game == g and r.method == m), key=lambda r: r.seed or 0)
                     for g in games]  # fmt: skip
@@ -107,10 +121,14 @@ def fmt(e: Estimate, runs: int) -> str:
 
 
 def interval_section(
-    runs: Sequence[Run], given: Mapping[str, float], reps: int
+    runs: Sequence[Run], given: Mapping[str, float], reps: int, unfinished: Unfinished | None = None
 ) -> tuple[list[str], dict[str, Intervals], dict[str, Any]]:
-    """Markdown lines, {normalisation: Intervals} for the figures, and the per-game estimates (for the JSON)."""
-    study = build_study(runs)
+    """Markdown lines, {normalisation: Intervals} for the figures, and the per-game estimates (for the JSON).
+
+    The statistics use the runs ``unfinished`` counts (default: every scored run); each row says how many unfinished
+    runs it left out (or, under ``--include-unfinished``, holds)."""
+    unfinished = unfinished or Unfinished()
+    study = build_study(runs, unfinished)
     lines = ["", "## Interval estimates (rliable)", ""]
     if not study.games:
         return lines + ["No game has scored runs of every method present: no intervals."], {}, {}
@@ -139,7 +157,8 @@ def interval_section(
         for m in study.methods:
             n = res.runs[m]
             cells = [fmt(res.aggregates[m][k], n) for k in AGGREGATES]
-            lines.append(f"| {m} | {n} x {len(games)} | " + " | ".join(cells) + " |")
+            held = _with_note(f"{n} x {len(games)}", unfinished.note(study.pool(m, games)))
+            lines.append(f"| {m} | {held} | " + " | ".join(cells) + " |")
     if len(study.methods) > 1 and BASELINE in study.methods and results:
         res = next(iter(results.values()))
         lines += ["", "### Probability of improvement over C51", "",
@@ -148,30 +167,41 @@ def interval_section(
         for m in study.methods:
             if m != BASELINE:
                 lines.append(f"| {m} | {fmt(res.improvement[m], min(res.runs[m], res.runs[BASELINE]))} |")
-    per_game, table = _per_game(runs, study, reps)
+    per_game, table = _per_game(runs, study, reps, unfinished)
     return lines + table, results, per_game
 
 
-def _per_game(runs: Sequence[Run], study: Study, reps: int) -> tuple[dict[str, Any], list[str]]:
-    """Per game, all of each method's runs, raw episode returns: mean and IQM with intervals, P(> C51)."""
-    lines = ["", "### Per game (raw episode returns, every run)", "",
+def _with_note(text: str, note: str) -> str:
+    return f"{text} ({note})" if note else text
+
+
+def _per_game(runs: Sequence[Run], study: Study, reps: int, unfinished: Unfinished) -> tuple[dict[str, Any], list[str]]:
+    """Per game, all of each method's counted runs, raw episode returns: mean and IQM with intervals, P(> C51). A
+    cell whose runs are all left out as unfinished gets a row without numbers."""
+    lines = ["", "### Per game (raw episode returns, every run the table counts)", "",
              "| game | method | runs | mean | IQM | P(method > C51) |", "|---" * 6 + "|"]  # fmt: skip
     out: dict[str, Any] = {}
     scored = [r for r in runs if r.env_steps.size]
     for g in PAPER_TABLE:
-        cols = {m: np.array([[r.final_score] for r in scored if r.game == g and r.method == m]) for m in study.methods}
-        cols = {m: c for m, c in cols.items() if c.size}
+        pools = {m: [r for r in scored if r.game == g and r.method == m] for m in study.methods}
+        cols = {m: np.array([r.final_score for r in unfinished.counted(pool)], dtype=np.float64).reshape(-1, 1)
+                for m, pool in pools.items() if pool}  # fmt: skip
         for m, c in cols.items():
+            n, note = len(c), unfinished.note(pools[m])
+            entry: dict[str, Any] = {"runs": n, "unfinished": unfinished.count(pools[m]), "scores": c[:, 0].tolist()}
+            out.setdefault(g, {})[m] = entry
+            if not n:
+                lines.append(f"| {g} | {m} | {_with_note('0', note)} | — | — | — |")
+                continue
             agg = aggregate(c, reps)
+            base = cols.get(BASELINE)
             p: Estimate | None = None
-            if m != BASELINE and BASELINE in cols:
-                p = improvement(c, cols[BASELINE], reps)
-            n = len(c)
-            pc = fmt(p, min(n, len(cols[BASELINE]))) if p is not None else "—"
-            lines.append(f"| {g} | {m} | {n} | {fmt(agg['mean'], n)} | {fmt(agg['IQM'], n)} | {pc} |")
-            out.setdefault(g, {})[m] = {
-                "runs": n, "scores": c[:, 0].tolist(),
-                **{k: {"point": agg[k][0], "ci": agg[k][1]} for k in ("mean", "IQM")},
-                "improvement_over_C51": None if p is None else {"point": p[0], "ci": p[1]},
-            }  # fmt: skip
+            pc = "—"
+            if m != BASELINE and base is not None and base.size:
+                p = improvement(c, base, reps)
+                pc = fmt(p, min(n, len(base)))
+            lines.append(f"| {g} | {m} | {_with_note(str(n), note)} | {fmt(agg['mean'], n)} | {fmt(agg['IQM'], n)} "
+                         f"| {pc} |")  # fmt: skip
+            entry.update({k: {"point": agg[k][0], "ci": agg[k][1]} for k in ("mean", "IQM")})
+            entry["improvement_over_C51"] = None if p is None else {"point": p[0], "ci": p[1]}
     return out, lines

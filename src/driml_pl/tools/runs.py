@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,11 +155,69 @@ class Run:
     @property
     def reached_budget(self) -> bool:
         """Whether the logs reach the budget, allowing one logging interval (the last update is rarely logged)."""
-        if self.total_env_steps is None:
+        return self.reaches(self.total_env_steps)
+
+    def reaches(self, env_steps: float | None) -> bool:
+        """Whether the logs reach ``env_steps`` (always true for None), allowing one logging interval."""
+        if env_steps is None:
             return True
         gaps = np.diff(self.env_steps)
         slack = float(np.median(gaps[gaps > 0])) if (gaps > 0).any() else 0.0
-        return self.max_env_steps + slack >= self.total_env_steps
+        return self.max_env_steps + slack >= env_steps
+
+    def compared_at(self, up_to: int | None) -> int | None:
+        """The env steps the run must reach to count as finished: its budget, or ``up_to`` (``report --up-to``)
+        where that is lower; None when neither is known."""
+        known = [n for n in (self.total_env_steps, up_to) if n is not None]
+        return min(known) if known else None
+
+
+@dataclass(frozen=True)
+class Unfinished:
+    """The scored runs whose logs stop short of the point they are compared at (`Run.compared_at`), and whether the
+    report averages them in (``report --include-unfinished``) or, by default, leaves them out.
+
+    Attributes:
+        paths: the unfinished runs' directories.
+        included: whether they count like finished runs.
+        up_to: ``report --up-to``, if given.
+    """
+
+    paths: frozenset[Path] = frozenset()
+    included: bool = False
+    up_to: int | None = None
+
+    @classmethod
+    def among(cls, runs: Iterable[Run], up_to: int | None = None, included: bool = False) -> Unfinished:
+        """The unfinished ones among ``runs`` (runs that logged no return are not scored, so not among them)."""
+        short = frozenset(r.path for r in runs if r.env_steps.size and not r.reaches(r.compared_at(up_to)))
+        return cls(short, included, up_to)
+
+    def counts(self, run: Run) -> bool:
+        """Whether the statistics use ``run``: it is scored, and finished or ``included``."""
+        return bool(run.env_steps.size) and (self.included or run.path not in self.paths)
+
+    def counted(self, runs: Iterable[Run]) -> list[Run]:
+        """The runs the statistics use, in order."""
+        return [r for r in runs if self.counts(r)]
+
+    def count(self, runs: Iterable[Run]) -> int:
+        """How many of ``runs`` are unfinished."""
+        return sum(r.path in self.paths for r in runs)
+
+    def note(self, runs: Iterable[Run]) -> str:
+        """What a cell of ``runs`` says about its unfinished runs: ``"1 unfinished left out"`` (``"... included"``
+        under ``--include-unfinished``), or ``""`` when it has none."""
+        k = self.count(runs)
+        return f"{k} unfinished {'included' if self.included else 'left out'}" if k else ""
+
+    def progress(self, run: Run) -> str:
+        """How far an unfinished run got: ``"reached 140 of 1,000 env steps (14%)"`` (``"(28% of --up-to)"`` where
+        ``--up-to`` is the lower of the two)."""
+        target = run.compared_at(self.up_to)
+        assert target, "an unfinished run has a point to reach"
+        of = " of --up-to" if self.up_to == target and target != run.total_env_steps else ""
+        return f"reached {run.max_env_steps:,.0f} of {target:,} env steps ({run.max_env_steps / target:.0%}{of})"
 
 
 def _read_metrics(path: Path) -> tuple[list[float], list[float]]:
