@@ -40,19 +40,30 @@ build_cpython() {  # $1 = X.Y -> prints the interpreter's path
        exit 2 ;;
   esac
   prefix=${HOME}/.cache/driml_pl/cpython-$ver
-  if [[ -x $prefix/bin/python$ver ]]; then echo "$prefix/bin/python$ver"; return; fi
+  # the modules pip and the project need (pyexpat: pip's own import; Debian's build takes expat from the system)
+  local needs="import ssl, sqlite3, lzma, bz2, zlib, ctypes, pyexpat, ensurepip"
+  if [[ -x $prefix/bin/python$ver ]] && "$prefix/bin/python$ver" -c "$needs" 2>/dev/null; then
+    echo "$prefix/bin/python$ver"; return
+  fi
+  rm -rf "$prefix"
   echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $suite main" \
     > "/etc/apt/sources.list.d/driml-src-$suite.list"
   {
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpkg-dev build-essential libssl-dev zlib1g-dev libffi-dev \
-      libsqlite3-dev liblzma-dev libbz2-dev libreadline-dev libncurses-dev uuid-dev libgdbm-dev
+      libsqlite3-dev liblzma-dev libbz2-dev libreadline-dev libncurses-dev uuid-dev libgdbm-dev libexpat1-dev
     src=$(mktemp -d /tmp/cpython-src.XXXXXX)
     (cd "$src" && apt-get source -qq "python$ver")
     cd "$src"/python"$ver"-*/
+    # Debian's patches make pyexpat.c include an internal header (Debian links pyexpat into the interpreter); as a
+    # shared module, as here, it needs the define CPython's other such modules carry, or pip cannot import
+    if ! grep -q "define Py_BUILD_CORE_MODULE" Modules/pyexpat.c; then
+      sed -i '1i #ifndef Py_BUILD_CORE_BUILTIN\n#  define Py_BUILD_CORE_MODULE 1\n#endif' Modules/pyexpat.c
+    fi
     ./configure -q --prefix="$prefix"
     make -s -j"$(nproc)"
     make -s install
+    "$prefix/bin/python$ver" -c "$needs"
   } > "$out/build-python$ver.log" 2>&1 || { echo "fresh_machine.sh: building CPython $ver failed: $out/build-python$ver.log" >&2; exit 1; }
   echo "$prefix/bin/python$ver"
 }
