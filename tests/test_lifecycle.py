@@ -18,6 +18,7 @@ import pytest
 import torch
 from conftest import ROOT, tiny_args
 from support.faults import Faults, command
+from support.mounts import tmpfs
 from test_checkpoint import BUDGET, EXTRA, assert_same_run, final_state, fit
 
 from driml_pl.checkpoint import check_resumable
@@ -130,16 +131,9 @@ def test_a_second_ctrl_c_in_the_middle_of_the_first_ones_checkpoint_discards_tha
 # ------------------------------------------------------------------------------------------------ a full disk
 @pytest.fixture
 def small_disk(tmp_path):
-    """A real 48 MB filesystem (tmpfs; the dev and CI machines run as root), unmounted afterwards."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    """A real 48 MB filesystem (tmpfs), unmounted afterwards."""
+    with tmpfs(tmp_path / "disk", "48m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def _fill(mount: Path, leave: int) -> Path:

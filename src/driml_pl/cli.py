@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import io
 import logging
+import os
 import signal
 import sys
 import warnings
@@ -27,6 +28,7 @@ from pytorch_lightning.strategies.launchers.subprocess_script import _Subprocess
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from rich.console import Console
 
+from driml_pl import preflight
 from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
 from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
 from driml_pl.checkpoint.diskfull import DiskFullError, is_disk_full
@@ -126,8 +128,21 @@ class DRIMLCLI(LightningCLI):
         self._check()
         self._check_resume()
         self._check_eval_checkpoint()
+        self._check_preflight()  # memory and the run directory, before anything is built or written
         self._check_run_lock()  # a run directory another live fit holds is refused here, in one line
         set_torch_threads(self._subconfig_of(self.config).get("torch_threads"))  # before any tensor work
+
+    def _check_preflight(self) -> None:
+        """``fit``: the run directory can be written, and what the run will hold (replay, model, optimizer, margin)
+        fits what this machine has free, host and GPU (`driml_pl.preflight`); one line and exit 2 if not."""
+        if self.config.get("subcommand") != "fit":
+            return
+        config = self.config["fit"]
+        preflight.check_writable("trainer.default_root_dir", _run_root(config))
+        if int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0) > 0:
+            return  # a machine's first process checks for all of its ranks; the others may start once it holds memory
+        assert self.model_class is not None  # main() always gives the class
+        preflight.check_fit(preflight.plan_run(config.as_dict(), self.model_class))
 
     def _check_run_lock(self) -> None:
         """``fit`` of a run directory another live fit holds: refused before anything is printed or written (the

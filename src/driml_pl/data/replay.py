@@ -24,6 +24,7 @@ Each frame is stored once: no next observation, no duplicated stacks (12,288 B o
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -45,6 +46,17 @@ class ReplaySample(NamedTuple):
     k: Tensor  # (B,) int64, effective horizon
     env: Tensor  # (B,) int64, env index (for tests and diagnostics)
     t: Tensor  # (B,) int64, absolute time index of s_t
+
+
+FRAME_DTYPE = torch.uint8
+COLUMN_DTYPES = {"actions": torch.uint8, "rewards": torch.float32, "dones": torch.bool, "firsts": torch.bool}
+
+
+def replay_bytes(capacity: int, num_envs: int) -> int:
+    """The bytes a `FrameReplay` of ``capacity`` slots x ``num_envs`` allocates: a frame and the four columns per
+    transition (12,295 B at 64x64x3), what `driml_pl.preflight` checks against free memory."""
+    frame = math.prod(FRAME_SHAPE) * FRAME_DTYPE.itemsize
+    return capacity * num_envs * (frame + sum(dtype.itemsize for dtype in COLUMN_DTYPES.values()))
 
 
 class FrameReplay:
@@ -93,11 +105,11 @@ class FrameReplay:
         dev = self.device
         # empty + zero_ writes every page now: the lazily mapped pages of torch.zeros would fault one by one inside the
         # hot loop instead (5 ms per vector step of 16 envs on the dev VM, against 0.4 s up front for 1.2 GB)
-        self.frames = torch.empty((capacity, num_envs, *FRAME_SHAPE), dtype=torch.uint8, device=dev).zero_()
-        self.actions = torch.zeros((capacity, num_envs), dtype=torch.uint8, device=dev)
-        self.rewards = torch.zeros((capacity, num_envs), dtype=torch.float32, device=dev)
-        self.dones = torch.zeros((capacity, num_envs), dtype=torch.bool, device=dev)
-        self.firsts = torch.zeros((capacity, num_envs), dtype=torch.bool, device=dev)
+        self.frames = torch.empty((capacity, num_envs, *FRAME_SHAPE), dtype=FRAME_DTYPE, device=dev).zero_()
+        self.actions = torch.zeros((capacity, num_envs), dtype=COLUMN_DTYPES["actions"], device=dev)
+        self.rewards = torch.zeros((capacity, num_envs), dtype=COLUMN_DTYPES["rewards"], device=dev)
+        self.dones = torch.zeros((capacity, num_envs), dtype=COLUMN_DTYPES["dones"], device=dev)
+        self.firsts = torch.zeros((capacity, num_envs), dtype=COLUMN_DTYPES["firsts"], device=dev)
         # row views: one row per (slot, env), gathered with index_select (a memcpy per row on either device)
         self._frame_rows = self.frames.view(capacity * num_envs, -1)
         self.t = -1  # absolute time index of the newest frame; -1 before `reset`

@@ -26,15 +26,16 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from driml_pl import bundled
+from driml_pl import bundled, preflight
 from driml_pl.checkpoint.resume import last_checkpoint
 from driml_pl.envs import GAMES
+from driml_pl.preflight import PreflightError
 from driml_pl.runlock import lock_holder
 from driml_pl.tools.runs import load_run
 from driml_pl.tools.schedulers import minutes, submit_sbatch, submit_submitit
@@ -154,6 +155,11 @@ def run_task(plan: str, index: int) -> int:
             print(f"{run.name}: running in another process ({holder}), left alone", flush=True)
             continue
         starting.append((run, status))
+    try:  # what the runs hold together, on the host and on each GPU, before any starts (driml_pl.preflight)
+        check_packed_runs([run for run, _ in starting], len(visible), spec["runs_per_gpu"])
+    except PreflightError as err:
+        print(f"driml_pl grid: error: {err}", file=sys.stderr, flush=True)
+        return 2
     procs = []
     for i, (run, status) in enumerate(starting):
         env = dict(os.environ)
@@ -174,6 +180,25 @@ def run_task(plan: str, index: int) -> int:
         codes.append(proc.wait())
         print(f"{run.name}: exit code {codes[-1]}", flush=True)
     return max(codes)
+
+
+def check_packed_runs(runs: Sequence[GridRun], gpus: int, runs_per_gpu: int, **where: Any) -> None:
+    """Refuse (`PreflightError`) the runs one task starts together when their replays, models, optimizers and
+    margins do not fit together: in host memory, or on a GPU that ``runs_per_gpu`` of them share (run i gets GPU
+    ``i // runs_per_gpu`` of the ``gpus`` visible, as `run_task` starts them). ``where``: `preflight.check_packed`'s
+    ``host`` and ``gpu`` (what is free; measured when not given)."""
+    if not runs:
+        return
+    from driml_pl.learner import DRIML
+
+    plans = []
+    for i, run in enumerate(runs):
+        plan = preflight.plan_run(preflight.merged_settings(run.command("python", resume=False)[4:]), DRIML)
+        if gpus:  # each run sees one GPU of the task's (CUDA_VISIBLE_DEVICES): its index among the task's
+            index = (i // runs_per_gpu) % gpus
+            plan = replace(plan, needs=[replace(n, gpu=index) if n.gpu is not None else n for n in plan.needs])
+        plans.append(plan)
+    preflight.check_packed(plans, [run.name for run in runs], **where)
 
 
 _CHILDREN: list[subprocess.Popen[bytes]] = []
