@@ -70,6 +70,16 @@ def _restore_environ():
         os.environ["PYTEST_CURRENT_TEST"] = current
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _original_procgen_build() -> None:
+    """Fetch procgen 0.10.7's original libenv.so once, before any test (`driml_pl.procgen_build`): otherwise the first
+    fit of a fresh machine prints the fetch's line, which a test that reads a run's one line would count."""
+    from driml_pl import procgen_build
+
+    if not procgen_build.installed_is_original():
+        procgen_build.fetch(quiet=True)
+
+
 @pytest.fixture(scope="session")
 def straight(tmp_path_factory) -> Path:
     """test_checkpoint.py's tiny run made straight through, once for the session: what the killed, signalled and

@@ -28,7 +28,7 @@ from pytorch_lightning.strategies.launchers.subprocess_script import _Subprocess
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from rich.console import Console
 
-from driml_pl import preflight
+from driml_pl import preflight, procgen_build
 from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
 from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
 from driml_pl.checkpoint.diskfull import DiskFullError, is_disk_full
@@ -66,6 +66,12 @@ def _run_root(config: Any) -> str:
     """A parsed subcommand config's run directory, its ``{game}`` and ``{seed}`` filled in."""
     root = str(config.trainer.get("default_root_dir") or "runs/driml")
     return root.format(game=config.data.env.game, seed=config.seed_everything)
+
+
+def _first_process_here() -> bool:
+    """Whether this is the first process of the run on this machine (local rank 0: Lightning's launcher, torchrun or
+    SLURM set the rank of the others before they parse)."""
+    return int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0) == 0
 
 
 def _is_adaptive(mode: str) -> bool:
@@ -133,13 +139,19 @@ class DRIMLCLI(LightningCLI):
         set_torch_threads(self._subconfig_of(self.config).get("torch_threads"))  # before any tensor work
 
     def _check_preflight(self) -> None:
-        """``fit``: the run directory can be written, and what the run will hold (replay, model, optimizer, margin)
-        fits what this machine has free, host and GPU (`driml_pl.preflight`); one line and exit 2 if not."""
+        """``fit``: the run directory can be written, the Procgen build it asks for is here (`procgen_build`: the
+        original's library is fetched once), and what the run will hold (replay, model, optimizer, margin) fits what
+        this machine has free, host and GPU (`driml_pl.preflight`); one line and exit 2 if not."""
         if self.config.get("subcommand") != "fit":
             return
         config = self.config["fit"]
         preflight.check_writable("trainer.default_root_dir", _run_root(config))
-        if int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0) > 0:
+        env = config.data.env
+        procgen_build.library_dir(env.build)  # the original build's libenv.so: fetched once, or one line why not
+        warning = procgen_build.mirror_warning(env.build, env.game)
+        if warning and _first_process_here():
+            print(warning, file=sys.stderr)
+        if not _first_process_here():
             return  # a machine's first process checks for all of its ranks; the others may start once it holds memory
         assert self.model_class is not None  # main() always gives the class
         preflight.check_fit(preflight.plan_run(config.as_dict(), self.model_class))

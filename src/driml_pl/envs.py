@@ -1,8 +1,9 @@
-"""Vectorised Procgen through gym3 (`ProcgenGym3Env`), stepped in the main process."""
+"""Vectorised Procgen through gym3 (`ProcgenGym3Env`), stepped in the main process (its binary: `procgen_build`)."""
 
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,9 @@ class EnvConfig:
         paint_vel_info: paint velocity bars into the frame (paper: true).
         num_threads: Procgen's stepping threads for these envs; null (the default): as many as the run's torch
             threads, at most 4 (Procgen's own default) and at most num_envs (`driml_pl.threads`).
+        build: the Procgen binary (`driml_pl.procgen_build`): ``original`` (default), procgen 0.10.7's original
+            build, the paper's pixels on every Python (fetched once where pip installs another); ``installed``, the
+            installed ``procgen`` module's own (on Python 3.11/3.12 procgen-mirror, whose frames differ in 6 games).
     """
 
     game: str = "bigfish"
@@ -40,6 +44,7 @@ class EnvConfig:
     use_sequential_levels: bool = True
     paint_vel_info: bool = True
     num_threads: int | None = None
+    build: str = "original"
 
     def __post_init__(self) -> None:
         if self.game not in GAMES:
@@ -54,6 +59,10 @@ class EnvConfig:
             raise ValueError("env.num_levels and env.start_level must be >= 0")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"env.num_threads must be >= 1 or null, got {self.num_threads}")
+        from driml_pl.procgen_build import BUILDS
+
+        if self.build not in BUILDS:
+            raise ValueError(f"data.env.build={self.build!r} is not allowed; valid: {', '.join(BUILDS)}")
 
 
 class ProcgenVecEnv:
@@ -65,8 +74,10 @@ class ProcgenVecEnv:
     """
 
     def __init__(self, config: EnvConfig, rand_seed: int) -> None:
+        import procgen
         from procgen import ProcgenGym3Env  # imported late: importing procgen loads its native library
 
+        from driml_pl.procgen_build import library_dir, loading_from
         from driml_pl.threads import procgen_threads
 
         # gym3 builds each env inside cffi's dlopen; a garbage collection there that finalises an unreferenced old
@@ -74,17 +85,20 @@ class ProcgenVecEnv:
         gc.collect()
         self.config = config
         self.num_envs = config.num_envs
-        self._env = ProcgenGym3Env(
-            num=config.num_envs,
-            env_name=config.game,
-            num_levels=config.num_levels,
-            start_level=config.start_level,
-            distribution_mode=config.distribution_mode,
-            use_sequential_levels=config.use_sequential_levels,
-            paint_vel_info=config.paint_vel_info,
-            rand_seed=int(rand_seed),
-            num_threads=procgen_threads(config.num_threads, config.num_envs),
-        )
+        assets = os.path.join(os.path.dirname(procgen.__file__), "data", "assets") + os.sep  # the original's
+        with loading_from(library_dir(config.build)):
+            self._env = ProcgenGym3Env(
+                num=config.num_envs,
+                env_name=config.game,
+                num_levels=config.num_levels,
+                start_level=config.start_level,
+                distribution_mode=config.distribution_mode,
+                use_sequential_levels=config.use_sequential_levels,
+                paint_vel_info=config.paint_vel_info,
+                rand_seed=int(rand_seed),
+                num_threads=procgen_threads(config.num_threads, config.num_envs),
+                resource_root=assets,
+            )
 
     def observe(self) -> np.ndarray:
         """The current frames, (N, 64, 64, 3) uint8."""
