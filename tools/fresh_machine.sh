@@ -87,6 +87,8 @@ test_cmd=$(awk '/^```bash/{f=1;next} /^```/{f=0} f && /^python/' "$out/clone/REA
 cd "$out/clone"
 export PATH="$out/venv/bin:$PATH"
 unset PYTHONPATH VIRTUAL_ENV
+# nothing of this machine's procgen cache either: the first fit fetches the original build as a user's would
+export DRIML_PROCGEN_DIR="$out/procgen-cache"
 
 # the run command: its install part, then the fit, sent Ctrl-C after run_seconds (exit 130 and a checkpoint expected)
 start=$(date +%s)
