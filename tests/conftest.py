@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -10,6 +11,22 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
 os.environ.setdefault("PYTHONWARNINGS", "ignore")
+
+
+def _absl_writes_to_the_real_stderr() -> None:
+    """rliable imports absl.logging, whose handler keeps the ``sys.stderr`` of its import: under pytest, the file
+    pytest captures fd 2 into. Importing submitit runs ``logging.config.dictConfig``, which closes every handler, and
+    absl's handler closes its stream when that stream is not the ``sys.stderr`` of the moment (a test's capsys). So a
+    test that imports submitit after a module that imported rliable was collected closed pytest's capture file, and
+    the session died ("lost sys.stderr"). Pointed at the process's own stderr, absl's handler leaves it open."""
+    try:
+        from absl import logging as absl_logging
+    except ImportError:  # rliable (and absl with it) not installed
+        return
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+_absl_writes_to_the_real_stderr()
 
 
 def paper(method: str) -> list[Path]:

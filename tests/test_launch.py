@@ -8,8 +8,10 @@ Dodgeball, because a random policy ends episodes there within a few steps, so a 
 from __future__ import annotations
 
 import json
+import logging.config
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,18 @@ def _overrides(budget: int, **extra: object) -> list[str]:
 def _plan(root: Path) -> tuple[Path, dict]:
     [plan] = sorted(root.glob("_grid/*/plan.json"))[-1:]
     return plan, json.loads(plan.read_text())
+
+
+def test_submitits_logging_config_leaves_the_stderr_absl_writes_to_open(capsys: pytest.CaptureFixture[str]) -> None:
+    """Importing submitit runs ``logging.config.dictConfig``, which closes every handler; absl's (rliable imports it)
+    closed its stream when that was not the ``sys.stderr`` of the moment, and under pytest that was the capture file
+    of the whole session (conftest points it at the process's stderr)."""
+    absl_logging = pytest.importorskip("absl.logging")
+    import driml_pl.tools.intervals  # noqa: F401  (imports rliable, and absl with it)
+
+    stream = absl_logging.get_absl_handler().python_handler.stream
+    logging.config.dictConfig({"version": 1, "disable_existing_loggers": False})
+    assert stream is sys.__stderr__ and not stream.closed
 
 
 def test_slurm_array_script_for_the_paper_grid(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
