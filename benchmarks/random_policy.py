@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from driml_pl.envs import NUM_ACTIONS, EnvConfig, ProcgenVecEnv, rank_seeds
+from driml_pl.envs import NUM_ACTIONS, EnvConfig, make_env, rank_seeds
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     env_config = EnvConfig(**config["data"]["env"])
     budget = args.env_steps or int(config["data"]["total_env_steps"])
     rand_seed, rng = rank_seeds(int(config.get("seed_everything", 0)), 0)
-    env = ProcgenVecEnv(env_config, rand_seed)
+    env = make_env(env_config, rand_seed)
     returns, running = [], np.zeros(env.num_envs)
     for _ in range(budget // env.num_envs):
         rewards, _, firsts = env.step(rng.integers(0, NUM_ACTIONS, size=env.num_envs))

@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from driml_pl.data.replay import FrameReplay
-from driml_pl.envs import EnvConfig, ProcgenVecEnv
+from driml_pl.envs import EnvConfig, make_env
 
 
 def rss_bytes() -> int:
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--transitions", type=int, default=200_000)
     args = parser.parse_args()
     num_envs = 32
-    env = ProcgenVecEnv(EnvConfig(game="bigfish", num_envs=num_envs), rand_seed=0)
+    env = make_env(EnvConfig(game="bigfish", num_envs=num_envs), rand_seed=0)
     rng = np.random.default_rng(0)
     before = rss_bytes()
     capacity = args.transitions // num_envs

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from driml_pl.cli import main
 from driml_pl.data import DRIMLDataModule
-from driml_pl.envs import EnvConfig, ProcgenVecEnv, rank_seeds
+from driml_pl.envs import EnvConfig, make_env, rank_seeds
 from driml_pl.learner import DRIML
 from driml_pl.learner.objective import core_losses
 from driml_pl.losses import infonce_loss
@@ -190,7 +190,7 @@ def test_two_rank_fit_matches_one_rank_and_resumes_exactly(tmp_path):
     local = EnvConfig(game="bigfish", num_envs=4, num_levels=20)
     seeds = []
     for rank in range(2):
-        env = ProcgenVecEnv(local, rank_seeds(0, rank)[0])
+        env = make_env(local, rank_seeds(0, rank)[0])
         np.testing.assert_array_equal(_first_frames(straight, rank), env.observe())  # this rank played these envs
         seeds.append(env.level_seeds())
         env.close()

@@ -12,7 +12,7 @@ from conftest import CONF
 
 from driml_pl.cli import DRIMLCLI, TRAINER_DEFAULTS, main
 from driml_pl.data import DRIMLDataModule
-from driml_pl.envs import EnvConfig, ProcgenVecEnv
+from driml_pl.envs import EnvConfig, make_env
 from driml_pl.learner import DRIML
 from driml_pl.threads import available_cores, default_torch_threads, procgen_threads
 
@@ -59,9 +59,9 @@ def _threads_of_this_process() -> int:
 @pytest.mark.parametrize("num_threads", [1, 3])
 def test_procgen_starts_the_threads_it_is_given(num_threads):
     """Counted in the kernel: building the vector env adds exactly num_threads threads to the process."""
-    ProcgenVecEnv(EnvConfig(game="bigfish", num_envs=4, num_threads=2), rand_seed=0).close()  # load the library
+    make_env(EnvConfig(game="bigfish", num_envs=4, num_threads=2), rand_seed=0).close()  # load the library
     before = _threads_of_this_process()
-    env = ProcgenVecEnv(EnvConfig(game="bigfish", num_envs=4, num_threads=num_threads), rand_seed=0)
+    env = make_env(EnvConfig(game="bigfish", num_envs=4, num_threads=num_threads), rand_seed=0)
     try:
         assert _threads_of_this_process() - before == num_threads
     finally:

@@ -4,7 +4,7 @@ Data flow (docs/architecture.md has the rooms and seams)::
 
     conf/*.yaml -> LightningCLI (cli.py) -> DRIMLDataModule + DRIML (LightningModule) + Trainer + RunCheckpoint
 
-    ProcgenVecEnv --(epsilon-greedy on the actors' snapshot, ActorSnapshot.act)--> Collector --> FrameReplay
+    VecEnv (driml_pl.envs) --(epsilon-greedy on the actors' snapshot, ActorSnapshot.act)--> Collector --> FrameReplay
                                                                                      (uint8 ring per env)
     ReplayStream (IterableDataset, main process): env steps to hold the replay ratio, then one vectorised sample per
         minibatch (s_t, a_t, R^(n), gamma^n(1-d), s_{t+n}, s_{t+k}, k); one StepBatch of minibatches per Lightning step

@@ -5,9 +5,7 @@ The other commands (``plot``, ``report``, ``grid``), the top-level help and ``--
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import logging
 import os
 import signal
@@ -147,7 +145,7 @@ class DRIMLCLI(LightningCLI):
         config = self.config["fit"]
         preflight.check_writable("trainer.default_root_dir", _run_root(config))
         env = config.data.env
-        procgen_build.library_dir(env.build)  # the original build's libenv.so: fetched once, or one line why not
+        procgen_build.files(env.build)  # the original build's library and assets: fetched once, or one line why not
         warning = procgen_build.mirror_warning(env.build, env.game)
         if warning and _first_process_here():
             print(warning, file=sys.stderr)
@@ -369,14 +367,11 @@ class _DropTip(logging.Filter):
 def quiet_warnings() -> None:
     """Silence what a user cannot act on (listed in the README): Lightning's notice that the replay stream (an
     IterableDataset) has ``__len__`` (it must: its epochs have a length, and it runs in the main process), torch's
-    LeafSpec deprecation raised inside Lightning, Lightning's litlogger advert, and gym's "unmaintained" banner,
-    printed to stderr when procgen imports gym (procgen needs gym < 1.0)."""
+    LeafSpec deprecation raised inside Lightning, and Lightning's litlogger advert. (No gym banner: the Procgen
+    backend imports neither procgen's Python module nor gym.)"""
     warnings.filterwarnings("ignore", message=r"Your `IterableDataset` has `__len__` defined")
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_DropTip())
-    if "gym" not in sys.modules and importlib.util.find_spec("gym") is not None:
-        with contextlib.redirect_stderr(io.StringIO()):
-            import gym  # noqa: F401
 
 
 def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
@@ -413,6 +408,9 @@ def main(args: list[str] | None = None, model: type[DRIML] = DRIML) -> None:
         raise SystemExit(3) from None
     except (DiskFullError, Interrupted) as err:
         raise SystemExit(stopped(err)) from None
+    except KeyboardInterrupt:  # Ctrl-C while the config is read and checked (a first run's Procgen fetch, say)
+        print("driml_pl: Ctrl-C before the run started: stopped, nothing written", file=sys.stderr)
+        raise SystemExit(130) from None
     except OSError as err:  # a full disk outside a checkpoint unit (the logs): one line too
         if not is_disk_full(err):
             raise

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import os
 
-import torch
-
 PROCGEN_MAX_THREADS = 4  # gym3/procgen's own default for ProcgenGym3Env(num_threads=...)
 RUNS_VAR = "DRIML_RUNS_PER_MACHINE"
 
@@ -58,6 +56,8 @@ def set_torch_threads(setting: int | None) -> int:
     the same count (unset, the launcher gives each rank cores // ranks, as it always has).
     """
     threads = int(setting) if setting is not None else default_torch_threads()
+    import torch  # here, not at the top: the env seam (`procgen_threads`) is imported without torch
+
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     if setting is not None:
@@ -69,4 +69,6 @@ def procgen_threads(setting: int | None, num_envs: int) -> int:
     """Procgen's stepping threads for one vector env: the setting, else min(torch threads, 4, num_envs)."""
     if setting is not None:
         return int(setting)
+    import torch
+
     return max(1, min(torch.get_num_threads(), PROCGEN_MAX_THREADS, num_envs))

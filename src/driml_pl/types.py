@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, runtime_checkable
 
-from torch import Tensor
+import numpy as np
+
+if TYPE_CHECKING:  # the env seam (EnvSpec, VecEnv) is imported without torch: tools/procgen_fixture.py, say
+    from torch import Tensor
 
 
 class RolloutStats(NamedTuple):
@@ -95,3 +98,46 @@ class FiniteGuarded(Protocol):
     def check_finite(self, all_ranks: bool = False) -> None: ...
 
     def nonfinite_update(self) -> int | None: ...
+
+
+class EnvSpec(NamedTuple):
+    """What an environment backend gives the rest of the trainer: the frame every env returns and the action layout.
+    The replay, the evaluation and the Q-head size themselves from it (`driml_pl.envs.spec`)."""
+
+    frame_shape: tuple[int, int, int]  # HWC, uint8
+    actions: tuple[str, ...]  # the name of each discrete action, by index
+
+    @property
+    def num_actions(self) -> int:
+        return len(self.actions)
+
+
+class VecEnv(Protocol):
+    """A batch of environments stepped in lockstep with a reset-free interface (`driml_pl.envs`: one backend is one
+    file that provides this, ``SPEC`` and ``make``).
+
+    ``step(actions)`` returns ``(reward, next_frame, first)``: (N,) float32, (N, *frame_shape) uint8, (N,) bool, where
+    ``first[i]`` says that ``next_frame[i]`` is the first frame of a new episode (the action ended env ``i``'s episode
+    and the env already reset; the terminal frame is never shown). ``act`` starts a step and ``observe_step`` waits
+    for it, so the caller can work while the envs step; ``get_state``/``set_state`` are the emulator states a
+    checkpoint keeps.
+    """
+
+    num_envs: int
+    spec: EnvSpec
+
+    def observe(self) -> np.ndarray: ...
+
+    def act(self, actions: np.ndarray) -> None: ...
+
+    def observe_step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def step(self, actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def level_seeds(self) -> np.ndarray: ...
+
+    def get_state(self) -> list[bytes]: ...
+
+    def set_state(self, states: list[bytes]) -> None: ...
+
+    def close(self) -> None: ...

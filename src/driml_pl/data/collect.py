@@ -10,8 +10,8 @@ import numpy as np
 from torch.utils.data import get_worker_info
 
 from driml_pl.data.replay import FrameReplay
-from driml_pl.envs import NUM_ACTIONS, ProcgenVecEnv
-from driml_pl.types import GreedyPolicy
+from driml_pl.envs import NUM_ACTIONS
+from driml_pl.types import GreedyPolicy, VecEnv
 
 
 @dataclass
@@ -46,7 +46,9 @@ def refuse_worker(name: str) -> None:
         )
 
 
-def epsilon_greedy(rng: np.random.Generator, policy: GreedyPolicy, replay: FrameReplay, epsilon: float) -> np.ndarray:
+def epsilon_greedy(
+    rng: np.random.Generator, policy: GreedyPolicy, replay: FrameReplay, epsilon: float, num_actions: int = NUM_ACTIONS
+) -> np.ndarray:
     """Actions for the newest frame stacks in ``replay``; the network is skipped when every env explores.
 
     The rng is advanced identically whatever the policy returns, so exploration draws do not depend on it. The
@@ -54,7 +56,7 @@ def epsilon_greedy(rng: np.random.Generator, policy: GreedyPolicy, replay: Frame
     """
     n = replay.num_envs
     explore = rng.random(n) < epsilon
-    random_actions = rng.integers(0, NUM_ACTIONS, size=n)
+    random_actions = rng.integers(0, num_actions, size=n)
     if explore.all():
         return random_actions
     greedy = policy(replay.latest()).cpu().numpy()
@@ -66,15 +68,13 @@ class Collector:
     `finish` (observe, write the replay, episode statistics), so the learner can run in between.
 
     Args:
-        env: the vectorised Procgen envs of this rank.
+        env: this rank's envs (`driml_pl.types.VecEnv`).
         replay: the rank's frame ring.
         rng: numpy generator for exploration (saved in checkpoints).
         recent_episodes: how many finished episodes the running mean return covers.
     """
 
-    def __init__(
-        self, env: ProcgenVecEnv, replay: FrameReplay, rng: np.random.Generator, recent_episodes: int = 100
-    ) -> None:
+    def __init__(self, env: VecEnv, replay: FrameReplay, rng: np.random.Generator, recent_episodes: int = 100) -> None:
         self.env, self.replay, self.rng = env, replay, rng
         self.env_steps = 0  # completed vector steps x num_envs (a launched step counts once finished)
         self.episodes = 0
@@ -92,7 +92,7 @@ class Collector:
     def launch(self, policy: GreedyPolicy, epsilon: float) -> None:
         """Choose the actions and start the vector step; Procgen runs it while the caller goes on."""
         assert self._pending is None, "finish() the launched step first"
-        actions = epsilon_greedy(self.rng, policy, self.replay, epsilon)
+        actions = epsilon_greedy(self.rng, policy, self.replay, epsilon, self.env.spec.num_actions)
         self.env.act(actions)
         self._pending = actions
 

@@ -23,7 +23,7 @@ from driml_pl.data.collect import Collector, EpsilonSchedule
 from driml_pl.data.evaluation import EvalEpisodes, EvalSchedule, LevelSet, rank_share
 from driml_pl.data.replay import FrameReplay
 from driml_pl.data.stream import ReplayStream
-from driml_pl.envs import EnvConfig, ProcgenVecEnv, rank_seeds
+from driml_pl.envs import EnvConfig, make_env, rank_seeds
 from driml_pl.horizon import Horizon
 from driml_pl.remap import effective_actions
 from driml_pl.types import GreedyPolicy
@@ -167,11 +167,19 @@ class DRIMLDataModule(pl.LightningDataModule):
         self.check_budget(world)
         env_seed, rng = rank_seeds(self.seed, rank)
         local_envs = self.env_config.num_envs // world  # every count of the config is global: split over the ranks
-        env = ProcgenVecEnv(replace(self.env_config, num_envs=local_envs), env_seed)
+        env = make_env(replace(self.env_config, num_envs=local_envs), env_seed)
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        built = (getattr(module, "num_actions", None), getattr(module, "frame_channels", None))
+        if None not in built and built != (env.spec.num_actions, env.spec.frame_shape[2]):
+            env.close()
+            raise ValueError(f"data.env.backend={self.env_config.backend} has {env.spec.num_actions} actions and "
+                             f"{env.spec.frame_shape} frames; the model is built for {built[0]} actions and "
+                             f"{built[1]}-channel frames")  # fmt: skip
         capacity = self.replay_size // world // local_envs
         replay = FrameReplay(local_envs, capacity, self.n_step, self.gamma,
                              self.horizon.max_k, self.frame_stack, self._replay_device(),
-                             compile_gather=self.compile_sampling, compile_writes=self.compile_sampling)  # fmt: skip
+                             compile_gather=self.compile_sampling, compile_writes=self.compile_sampling,
+                             frame_shape=env.spec.frame_shape)  # fmt: skip
         self.stream = ReplayStream(
             Collector(env, replay, rng),
             self.horizon,

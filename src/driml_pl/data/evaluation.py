@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from driml_pl.data.collect import refuse_worker
-from driml_pl.envs import FRAME_SHAPE, NUM_ACTIONS, EnvConfig, ProcgenVecEnv
+from driml_pl.envs import EnvConfig, make_env
 from driml_pl.types import GreedyPolicy
 
 LEVEL_SETS = ("train_levels", "test_levels")
@@ -68,7 +68,7 @@ class FrameStacker:
 
     def __init__(self, frames: np.ndarray, frame_stack: int) -> None:
         n = frames.shape[0]
-        self.stack = torch.zeros((n, frame_stack, *FRAME_SHAPE), dtype=torch.uint8)
+        self.stack = torch.zeros((n, frame_stack, *frames.shape[1:]), dtype=torch.uint8)
         self.stack[:, -1] = torch.from_numpy(frames)
 
     def push(self, frames: np.ndarray, firsts: np.ndarray) -> None:
@@ -100,7 +100,7 @@ def play_episodes(
     if n == 0:
         empty = np.zeros(0)
         return EpisodeResults(empty, empty.astype(np.int64), empty.astype(bool), empty.astype(np.int64))
-    env = ProcgenVecEnv(level_set.env, level_set.rand_seed)
+    env = make_env(level_set.env, level_set.rand_seed)
     rng = np.random.default_rng(level_set.rng_seed)
     returns, lengths = np.zeros(n), np.zeros(n, dtype=np.int64)
     active = np.ones(n, dtype=bool)
@@ -111,7 +111,7 @@ def play_episodes(
         stacker = FrameStacker(first, frame_stack)
         for _ in range(max_steps):
             explore = rng.random(n) < epsilon
-            actions = rng.integers(0, NUM_ACTIONS, size=n)
+            actions = rng.integers(0, env.spec.num_actions, size=n)
             if not explore.all():
                 greedy = policy(stacker.stack).cpu().numpy()
                 actions = np.where(explore, actions, greedy)

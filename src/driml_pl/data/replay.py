@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from driml_pl.envs import FRAME_SHAPE
+from driml_pl.envs import spec
 
 ArrayLike = Tensor | np.ndarray
 
@@ -49,13 +49,14 @@ class ReplaySample(NamedTuple):
 
 
 FRAME_DTYPE = torch.uint8
+FRAME_SHAPE: tuple[int, int, int] = spec().frame_shape  # the default backend's; a replay takes its env's
 COLUMN_DTYPES = {"actions": torch.uint8, "rewards": torch.float32, "dones": torch.bool, "firsts": torch.bool}
 
 
-def replay_bytes(capacity: int, num_envs: int) -> int:
+def replay_bytes(capacity: int, num_envs: int, frame_shape: tuple[int, int, int] = FRAME_SHAPE) -> int:
     """The bytes a `FrameReplay` of ``capacity`` slots x ``num_envs`` allocates: a frame and the four columns per
     transition (12,295 B at 64x64x3), what `driml_pl.preflight` checks against free memory."""
-    frame = math.prod(FRAME_SHAPE) * FRAME_DTYPE.itemsize
+    frame = math.prod(frame_shape) * FRAME_DTYPE.itemsize
     return capacity * num_envs * (frame + sum(dtype.itemsize for dtype in COLUMN_DTYPES.values()))
 
 
@@ -77,6 +78,7 @@ class FrameReplay:
         compile_writes: write each vector step (`add`) through ``torch.compile``: one upload of the step's columns
             with its slot, one of its frames, then one fused write, instead of some twenty dispatched ops. Equal to
             the eager write, bitwise (tested). Only where the slot index is exact in float32 (capacity <= 2**24).
+        frame_shape: the env's frame, HWC uint8 (``env.spec.frame_shape``, `driml_pl.types.EnvSpec`).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class FrameReplay:
         device: torch.device | str = "cpu",
         compile_gather: bool = False,
         compile_writes: bool = False,
+        frame_shape: tuple[int, int, int] = FRAME_SHAPE,
     ) -> None:
         if n_step < 1 or max_k < 1 or frame_stack < 1:
             raise ValueError("n_step, max_k and frame_stack must all be >= 1")
@@ -102,10 +105,11 @@ class FrameReplay:
         self.num_envs, self.capacity = num_envs, capacity
         self.n_step, self.gamma, self.max_k, self.frame_stack = n_step, gamma, max_k, frame_stack
         self.device = torch.device(device)
+        self.frame_shape = tuple(frame_shape)
         dev = self.device
         # empty + zero_ writes every page now: the lazily mapped pages of torch.zeros would fault one by one inside the
         # hot loop instead (5 ms per vector step of 16 envs on the dev VM, against 0.4 s up front for 1.2 GB)
-        self.frames = torch.empty((capacity, num_envs, *FRAME_SHAPE), dtype=FRAME_DTYPE, device=dev).zero_()
+        self.frames = torch.empty((capacity, num_envs, *self.frame_shape), dtype=FRAME_DTYPE, device=dev).zero_()
         self.actions = torch.zeros((capacity, num_envs), dtype=COLUMN_DTYPES["actions"], device=dev)
         self.rewards = torch.zeros((capacity, num_envs), dtype=COLUMN_DTYPES["rewards"], device=dev)
         self.dones = torch.zeros((capacity, num_envs), dtype=COLUMN_DTYPES["dones"], device=dev)
@@ -117,7 +121,7 @@ class FrameReplay:
         self._env_ids = torch.arange(num_envs, device=dev)
         self._window_offsets = torch.arange(self.window, device=dev)
         self._stack_offsets = torch.arange(frame_stack - 1, -1, -1, device=dev)  # oldest .. newest
-        self._staging = _Staging(num_envs, dev)
+        self._staging = _Staging(num_envs, dev, self.frame_shape)
         self.compile_gather = compile_gather
         self._compiled_gather: Any = None  # torch.compile(_gather_plan), built at the first sample
         # the slot travels in the float32 block of the step's columns (`_Staging.block`): exact up to 2**24
@@ -214,7 +218,7 @@ class FrameReplay:
     def _stack_frames(self, rows: Tensor, keep: Tensor | None) -> Tensor:
         """Copy the planned frame rows out of the ring (one ``index_select``, a memcpy per row) and zero the frames
         the plan drops."""
-        out = self._frame_rows.index_select(0, rows).view(-1, self.frame_stack, *FRAME_SHAPE)
+        out = self._frame_rows.index_select(0, rows).view(-1, self.frame_stack, *self.frame_shape)
         return out if keep is None else out * keep[:, :, None, None, None]
 
     def latest(self) -> Tensor:
@@ -303,11 +307,11 @@ class _Staging:
     read it (two steps ago, long finished) has completed, so the copies never wait for the device's queue.
     """
 
-    def __init__(self, num_envs: int, device: torch.device) -> None:
+    def __init__(self, num_envs: int, device: torch.device, frame_shape: tuple[int, ...] = FRAME_SHAPE) -> None:
         self.device = device
         self.cuda = device.type == "cuda"
         shapes = {
-            "frames": ((num_envs, *FRAME_SHAPE), torch.uint8),
+            "frames": ((num_envs, *frame_shape), torch.uint8),
             "block": ((4, num_envs), torch.float32),
         }
         self._buffers: dict[str, list[Tensor]] = {}

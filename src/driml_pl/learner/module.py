@@ -154,7 +154,9 @@ class DRIML(pl.LightningModule):
         self.support: Tensor
         self.lr, self.adam_eps, self.max_grad_norm = lr, adam_eps, max_grad_norm
         self.target_update_interval = target_update_interval
-        self.online = QNetwork(3 * frame_stack, self.obs_size, feature_dim, NUM_ACTIONS, num_atoms)
+        # Procgen's layout (`driml_pl.envs.procgen.SPEC`); the datamodule checks its env's against these at setup
+        self.num_actions, self.frame_channels = NUM_ACTIONS, 3
+        self.online = QNetwork(self.frame_channels * frame_stack, self.obs_size, feature_dim, NUM_ACTIONS, num_atoms)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         # the actors' snapshot of the online network, refreshed once per Lightning step (`ActorSnapshot.refresh`);
         # saved in checkpoints so a resumed run acts exactly as the uninterrupted one
