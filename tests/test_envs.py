@@ -111,3 +111,28 @@ def test_a_backend_is_one_module_and_the_replay_takes_its_frame_shape(monkeypatc
     assert envs.spec() == EnvSpec((64, 64, 3), envs.spec().actions) and envs.spec().num_actions == 15
     with pytest.raises(ValueError, match=r"data.env.backend='gym3' is not allowed; valid: procgen, tiny"):
         EnvConfig(backend="gym3")
+
+
+def test_a_library_whose_system_dependency_is_missing_is_refused_in_one_line_naming_it(tmp_path):
+    """procgen's libenv.so links glib; a system without it gets the package to install, not cffi's traceback. A real
+    library linked against one that is then removed, loaded the way a run loads libenv.so."""
+    import shutil
+    import subprocess
+
+    from driml_pl.envs.procgen import load_library
+    from driml_pl.procgen_build import BuildUnavailable
+
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc to build the two stand-in libraries")
+    (tmp_path / "dep.c").write_text("int dep(void) { return 1; }\n")
+    (tmp_path / "env.c").write_text("int dep(void);\nint libenv_version(void) { return dep(); }\n")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", tmp_path / "libgthread-2.0.so.0", tmp_path / "dep.c"], check=True)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", tmp_path / "libenv.so", tmp_path / "env.c",
+                    tmp_path / "libgthread-2.0.so.0"], check=True)  # fmt: skip
+    (tmp_path / "libgthread-2.0.so.0").unlink()
+    with pytest.raises(BuildUnavailable) as refused:
+        load_library(str(tmp_path / "libenv.so"))
+    assert str(refused.value) == (
+        f"Procgen's library {tmp_path / 'libenv.so'} needs libgthread-2.0.so.0, which this system lacks: install glib "
+        "(Debian/Ubuntu: apt install libglib2.0-0t64, or libglib2.0-0 before Debian 13 and Ubuntu 24.04)"
+    )

@@ -145,7 +145,10 @@ class DRIMLCLI(LightningCLI):
         config = self.config["fit"]
         preflight.check_writable("trainer.default_root_dir", _run_root(config))
         env = config.data.env
-        procgen_build.files(env.build)  # the original build's library and assets: fetched once, or one line why not
+        build = procgen_build.files(env.build)  # the original build's library and assets: fetched once, or one line
+        from driml_pl.envs.procgen import load_library
+
+        load_library(str(build.library))  # a system library it links missing (glib, say): one line, now
         warning = procgen_build.mirror_warning(env.build, env.game)
         if warning and _first_process_here():
             print(warning, file=sys.stderr)

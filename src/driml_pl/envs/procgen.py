@@ -13,6 +13,7 @@ so frames, rewards, episode starts and emulator states equal that wrapper's bit 
 from __future__ import annotations
 
 import gc
+import re
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -79,11 +80,42 @@ def _library(path: str) -> tuple[Any, Any]:
         if path not in _LIBRARIES:
             # RTLD_DEEPBIND: the library's statically linked Qt resolves its own symbols first, not the process's
             flags = _FFI.RTLD_NOW | _FFI.RTLD_LOCAL | getattr(_FFI, "RTLD_DEEPBIND", 0)
-            lib = _FFI.dlopen(path, flags)
+            try:
+                lib = _FFI.dlopen(path, flags)
+            except OSError as err:
+                raise _unloadable(path, err) from None
             if lib.libenv_version() != LIBENV_VERSION:
                 raise RuntimeError(f"{path}: libenv version {lib.libenv_version()}, expected {LIBENV_VERSION}")
             _LIBRARIES[path] = lib
         return _FFI, _LIBRARIES[path]
+
+
+def _unloadable(path: str, err: OSError) -> Exception:
+    """One line for a library the system cannot load: most often a system library it links that is missing."""
+    from driml_pl.procgen_build import BuildUnavailable
+
+    missing = re.search(r"(lib[\w.+-]+\.so[\w.]*): cannot open shared object file", str(err))
+    if missing is None:
+        return BuildUnavailable(f"cannot load Procgen's library {path}: {' '.join(str(err).split())}")
+    name = missing.group(1)
+    hint = SYSTEM_LIBRARIES.get(name.split(".so")[0], "the package that provides it")
+    return BuildUnavailable(f"Procgen's library {path} needs {name}, which this system lacks: install {hint}")
+
+
+# what procgen 0.10.7's libenv.so links beyond libc, and where a Debian or Ubuntu system gets it
+_GLIB = "glib (Debian/Ubuntu: apt install libglib2.0-0t64, or libglib2.0-0 before Debian 13 and Ubuntu 24.04)"
+SYSTEM_LIBRARIES = {
+    "libglib-2.0": _GLIB,
+    "libgthread-2.0": _GLIB,
+    "libpcre2-8": "pcre2 (Debian/Ubuntu: apt install libpcre2-8-0)",
+    "libz": "zlib (Debian/Ubuntu: apt install zlib1g)",
+    "libstdc++": "the C++ runtime (Debian/Ubuntu: apt install libstdc++6)",
+}
+
+
+def load_library(path: str) -> None:
+    """Load (once per process) the library at ``path``: `BuildUnavailable` in one line where the system cannot."""
+    _library(path)
 
 
 def options(config: EnvConfig, rand_seed: int, num_threads: int, resource_root: str) -> dict[str, bool | int | str]:
