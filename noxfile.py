@@ -28,7 +28,7 @@ def install_project(session: nox.Session) -> None:
     # gym3 and gym would pin numpy < 2. It has wheels for Python 3.11 and 3.12 only; elsewhere those tests skip.
     python = session.run("python", "-c", "import sys; print(sys.version_info[1])", silent=True)
     if str(python).strip() in ("11", "12"):
-        session.install("--no-deps", "procgen-mirror==0.10.7")
+        session.install(*CONSTRAINTS, "--no-deps", "procgen-mirror==0.10.7")
 
 
 @nox.session

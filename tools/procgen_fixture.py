@@ -10,7 +10,7 @@ statically linked) with Python 3.10, so that any other build or backend can be c
     /tmp/pg310/bin/python tools/procgen_fixture.py --out tests/data/procgen_0.10.7_original.json
 
 Only numpy and procgen are imported (not driml_pl, whose env imports torch), so the recording interpreter needs
-nothing else. `hash_run` is also what the test calls, with driml_pl's own `ProcgenVecEnv`.
+nothing else. `hash_run` is also what the test calls, with driml_pl's own env (`driml_pl.envs.make_env`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ NUM_ENVS, RAND_SEED, SHORT, LONG = 4, 1234, 250, 1000
 
 
 class Stepper:
-    """What `hash_run` needs of an env: gym3's ``act``/``observe`` and the states (`ProcgenVecEnv` has these)."""
+    """What `hash_run` needs of an env: ``act``, ``observe_step`` and the states (a `driml_pl.types.VecEnv` has these)."""
 
     def act(self, actions: np.ndarray) -> None: ...
     def observe_step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
@@ -48,7 +48,7 @@ class Stepper:
 
 
 class Gym3Stepper(Stepper):
-    """procgen's own `ProcgenGym3Env`, as `driml_pl.envs.ProcgenVecEnv` builds it (one stepping thread)."""
+    """procgen's own `ProcgenGym3Env` with the options driml_pl's backend passes (one stepping thread)."""
 
     def __init__(self, game: str, setting: dict[str, Any]) -> None:
         from procgen import ProcgenGym3Env
