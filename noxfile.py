@@ -19,6 +19,8 @@ nox.options.reuse_existing_virtualenvs = True
 # 2.13.0 is the CPU build kept on the dev/CI machines' disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH = os.environ.get("DRIML_TORCH", "torch==2.13.0")
 CONSTRAINTS = ("-c", "constraints.txt")  # torch itself is pinned by TORCH, not there (see `lock`)
+# the `mirror` extra, installed with --no-deps (its gym3 and gym would pin numpy < 2); pinned in constraints.txt
+MIRROR = "procgen-mirror==0.10.7; python_version >= '3.11' and python_version < '3.13'"
 
 
 def install_project(session: nox.Session) -> None:
@@ -28,7 +30,7 @@ def install_project(session: nox.Session) -> None:
     # gym3 and gym would pin numpy < 2. It has wheels for Python 3.11 and 3.12 only; elsewhere those tests skip.
     python = session.run("python", "-c", "import sys; print(sys.version_info[1])", silent=True)
     if str(python).strip() in ("11", "12"):
-        session.install(*CONSTRAINTS, "--no-deps", "procgen-mirror==0.10.7")
+        session.install(*CONSTRAINTS, "--no-deps", "procgen-mirror")
 
 
 @nox.session
@@ -127,12 +129,13 @@ def lock(session: nox.Session) -> None:
     constraints (what a fresh machine gets today), then every version frozen. torch, its CUDA wheels and the
     project are left out; a version that cannot install on Python 3.10 gets a ``python_version`` marker.
     Review the diff, run `nox` with it, commit it."""
-    extras = "dev,cluster"
+    extras, no_deps = "dev,cluster", [MIRROR]
     try:
         import tomllib
 
         optional = tomllib.loads(Path("pyproject.toml").read_text())["project"]["optional-dependencies"]
         extras = ",".join(name for name in optional if name != "mirror")  # procgen-mirror goes in --no-deps
+        no_deps = optional.get("mirror", [])  # exact pins with markers: copied as they are
     except ImportError:  # Python 3.10 runs nox: the extras known when this was written
         pass
     session.install(TORCH)
@@ -153,5 +156,6 @@ def lock(session: nox.Session) -> None:
             on_310 = True
         marker = "" if on_310 else '; python_version >= "3.11"'
         lines.append(f"{name}=={version}{marker}")
+    lines += [pin.replace("'", '"') for pin in no_deps]
     Path("constraints.txt").write_text("\n".join(lines) + "\n")
     session.log(f"wrote constraints.txt ({len(lines) - 2} pins)")
