@@ -89,8 +89,9 @@ def _restore_environ():
 
 @pytest.fixture(scope="session", autouse=True)
 def _original_procgen_build() -> None:
-    """Fetch procgen 0.10.7's original libenv.so once, before any test (`driml_pl.procgen_build`): otherwise the first
-    fit of a fresh machine prints the fetch's line, which a test that reads a run's one line would count."""
+    """Fetch procgen 0.10.7's original build (library and assets) once, before any test (`driml_pl.procgen_build`):
+    otherwise the first fit of a fresh machine prints the fetch's line, which a test that reads a run's one line would
+    count."""
     from driml_pl import procgen_build
 
     if not procgen_build.installed_is_original():
