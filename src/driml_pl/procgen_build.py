@@ -83,9 +83,10 @@ def installed_files() -> BuildFiles | None:
     return files if files.library.is_file() and files.assets.is_dir() else None
 
 
-def installed_is_original() -> bool:
-    """Whether the installed ``procgen`` module is the original build (Python 3.10: nothing to fetch)."""
-    files = installed_files()
+def installed_is_original(files: BuildFiles | None = None) -> bool:
+    """Whether the installed ``procgen`` module (``files``, else looked up) is the original build (Python 3.10:
+    nothing to fetch)."""
+    files = files or installed_files()
     return files is not None and _verified(files.library, _sha256, LIBENV_SHA256)
 
 
@@ -103,13 +104,6 @@ def _tree_digest(folder: Path) -> str:
     digest = hashlib.sha256()
     for name in sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()):
         digest.update(name.encode() + b"\0" + bytes.fromhex(_sha256(folder / name)))
-    return digest.hexdigest()
-
-
-def _wheel_tree_digest(archive: zipfile.ZipFile) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(n for n in archive.namelist() if n.startswith(ASSETS_MEMBER) and not n.endswith("/")):
-        digest.update(name[len(ASSETS_MEMBER) :].encode() + b"\0" + hashlib.sha256(archive.read(name)).digest())
     return digest.hexdigest()
 
 
@@ -207,7 +201,7 @@ def files(build: str) -> BuildFiles:
                 "installed; data.env.build=original (the default) needs none"
             )
         return installed
-    if installed is not None and installed_is_original():
+    if installed is not None and installed_is_original(installed):
         return installed
     return fetch()
 

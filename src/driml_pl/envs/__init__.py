@@ -22,7 +22,6 @@ GAMES: tuple[str, ...] = (
     "bigfish", "bossfight", "caveflyer", "chaser", "climber", "coinrun", "dodgeball", "fruitbot",
     "heist", "jumper", "leaper", "maze", "miner", "ninja", "plunder", "starpilot",
 )  # fmt: skip
-NUM_ACTIONS = 15  # Procgen always exposes the full 15-action keyboard (`driml_pl.envs.procgen.SPEC`)
 DISTRIBUTION_MODES = ("easy", "hard", "extreme", "memory", "exploration")
 BACKENDS = {"procgen": "driml_pl.envs.procgen"}  # data.env.backend -> the module that implements it
 
@@ -83,6 +82,9 @@ class EnvConfig:
 def spec(config: EnvConfig | None = None) -> EnvSpec:
     """The frame shape and action layout of ``config``'s backend (the default backend's without a config)."""
     return importlib.import_module(BACKENDS[config.backend if config else "procgen"]).SPEC
+
+
+NUM_ACTIONS = spec().num_actions  # the default backend's: Procgen's full 15-action keyboard
 
 
 def make_env(config: EnvConfig, rand_seed: int) -> VecEnv:

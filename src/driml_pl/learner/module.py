@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from driml_pl.adaptive import ActionPairModel
 from driml_pl.critic import TERMS, DIMCritic
-from driml_pl.envs import NUM_ACTIONS
+from driml_pl.envs import NUM_ACTIONS, spec
 from driml_pl.learner import guard
 from driml_pl.learner import objective as objectives
 from driml_pl.learner.actor import ActorSnapshot
@@ -155,7 +155,7 @@ class DRIML(pl.LightningModule):
         self.lr, self.adam_eps, self.max_grad_norm = lr, adam_eps, max_grad_norm
         self.target_update_interval = target_update_interval
         # Procgen's layout (`driml_pl.envs.procgen.SPEC`); the datamodule checks its env's against these at setup
-        self.num_actions, self.frame_channels = NUM_ACTIONS, 3
+        self.num_actions, self.frame_channels = NUM_ACTIONS, spec().frame_shape[2]
         self.online = QNetwork(self.frame_channels * frame_stack, self.obs_size, feature_dim, NUM_ACTIONS, num_atoms)
         self.target = copy.deepcopy(self.online).requires_grad_(False)
         # the actors' snapshot of the online network, refreshed once per Lightning step (`ActorSnapshot.refresh`);
