@@ -38,6 +38,7 @@ from driml_pl.learner.graphs import GRAPH_COMPILE_MODES, GRAPH_PRECISIONS, StepA
 from driml_pl.learner.logs import TrainLogs, log_eval
 from driml_pl.learner.metrics import DeviceMetrics
 from driml_pl.learner.objective import CoreLosses, UpdateInputs, compile_core, q_values
+from driml_pl.learner.probe import probe
 from driml_pl.learner.update import CapturedUpdate, EagerUpdate, main_parameters
 from driml_pl.networks import QNetwork, preprocess
 from driml_pl.remap import effective_actions, visible_mask
@@ -97,6 +98,9 @@ class DRIML(pl.LightningModule):
             same update runs op by op, bitwise equal to ``false``.
         matmul_precision: float32 matrix products on a GPU: ``high`` lets them use TF32 tensor cores, as cuDNN's
             convolutions already do by default in PyTorch; ``highest`` keeps full float32 (no effect on the CPU).
+        probe: on logging steps, also log ``probe/*``: each loss term's gradient norm over the encoder and its
+            cosine with C51's, the Q-values' action gap and the greedy actions' distribution on the step's last
+            minibatch (`driml_pl.learner.probe`). Measured apart from the update: the run trains bitwise alike.
     """
 
     def __init__(
@@ -130,6 +134,7 @@ class DRIML(pl.LightningModule):
         compile_mode: str = "auto",
         cuda_graphs: bool = False,
         matmul_precision: str = "high",
+        probe: bool = False,
     ) -> None:
         super().__init__()
         if not v_min < v_max or num_atoms < 2:
@@ -184,6 +189,7 @@ class DRIML(pl.LightningModule):
         self._compile, self._compile_mode = compile, compile_mode
         self._compiled: CoreLosses | None = None  # `compile_core`, built at the first update
         self._cuda_graphs = cuda_graphs
+        self._probe = probe
         self.acting = ActorSnapshot(self, cuda_graphs)  # what the data stream is bound to
         self.runner: EagerUpdate | CapturedUpdate = CapturedUpdate() if cuda_graphs else EagerUpdate()
         self.clipped: list[nn.Parameter] = []  # set by configure_optimizers
@@ -247,6 +253,9 @@ class DRIML(pl.LightningModule):
             self.check_finite()
         if logging:
             self.logs.log(self, self.metrics.read_and_reset(), stats)
+            if self._probe:
+                values = probe(self, UpdateInputs.from_batch(minibatches[-1]))
+                self.log_dict(values, batch_size=1, sync_dist=self.trainer.world_size > 1)
 
     def update(self, batch: Batch) -> None:
         """One update (`driml_pl.learner.update`), the target sync, and its metrics row."""
