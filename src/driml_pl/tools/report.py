@@ -154,13 +154,16 @@ def write_report(
 ) -> list[Path]:  # fmt: skip
     """Write ``report.md`` (the paper table, interval estimates, missing data), ``intervals.json`` and the PNGs:
     ``curves_<game>.png`` per game with logged returns, and per normalisation ``intervals_<norm>.png``,
-    ``profiles_<norm>.png``, ``sample_efficiency_<norm>.png``, plus ``improvement.png`` with C51 and another method.
+    ``profiles_<norm>.png``, ``sample_efficiency_<norm>.png``, plus ``improvement.png`` with C51 and another method,
+    and where the runs logged them DRIML-ada's ``horizons_<game>.png`` (with a table in report.md) and
+    ``probes_<game>.png`` (`driml_pl.tools.report_diagnostics`).
 
     The table and every statistic use the finished runs only (`Unfinished`: with ``up_to``, a run that reached it
     is finished), unless ``include_unfinished``; one line on stderr lists the unfinished runs. ``curves_<game>.png``
     draws every run's logs. Returns the written paths."""
     import json
 
+    from driml_pl.tools import report_diagnostics as diag
     from driml_pl.tools import report_figures as figs
     from driml_pl.tools.report_intervals import interval_section, random_return
 
@@ -181,6 +184,7 @@ def write_report(
     title, _, rest = _markdown(runs, unfinished).partition("\n\n")
     table = "\n\n".join([title, *_headlines(unfinished, up_to), rest])
     head, sep, tail = table.partition("\n## Missing data")
+    section = [*section, *diag.horizon_table(runs)]
     written = [out / "report.md", out / "intervals.json"]
     written[0].write_text(head + "\n".join(section) + "\n" + sep + tail, encoding="utf-8")
     left = [{"path": str(r.path), "game": r.game, "method": r.method, "seed": r.seed, "env_steps": r.max_env_steps,
@@ -194,6 +198,12 @@ def write_report(
             known = random_return(game, game_runs, given)
             written.append(figs.plot_game(game, game_runs, None if known is None else known[0],
                                           out / f"curves_{game}.png", unfinished.paths))  # fmt: skip
+            ada = diag.horizon_runs(game_runs)
+            if ada:
+                written.append(diag.plot_horizons(game, ada, out / f"horizons_{game}.png"))
+            probed = diag.probe_runs(game_runs)
+            if probed:
+                written.append(diag.plot_probes(game, probed, out / f"probes_{game}.png"))
     labels = {"minmax": "min-max over methods", "random": "0 = random, 1 = paper C51"}
     for norm, res in results.items():
         written.append(figs.plot_intervals(res, labels[norm], out / f"intervals_{norm}.png"))
