@@ -30,6 +30,7 @@ from driml_pl import preflight, procgen_build
 from driml_pl.callbacks import DRIMLProgressBar, EvalVideos, RunPlot
 from driml_pl.checkpoint import CheckpointConfig, RunCheckpoint, check_resumable
 from driml_pl.checkpoint.diskfull import DiskFullError, is_disk_full
+from driml_pl.checkpoint.fork import checkpoint_settings, fork_overrides, settings_changes
 from driml_pl.checkpoint.resume import (
     checkpoint_dir,
     choose_resumable,
@@ -185,6 +186,30 @@ class DRIMLCLI(LightningCLI):
             if holds_run_lock():  # global rank 0 (the other ranks of a DDP run make the same choice)
                 print(note, file=sys.stderr)
 
+    def _parse_ckpt_path(self) -> None:
+        """``fit --ckpt_path``: the checkpoint's model settings, as Lightning takes them, but a setting the config gives
+        otherwise is refused in one line, or with ``--fork true`` kept (`driml_pl.checkpoint.fork`)."""
+        subcommand = self.config.get("subcommand")
+        config: Any = self.config[subcommand] if subcommand else {}
+        if subcommand != "fit" or not config.get("ckpt_path"):
+            if config.get("fork"):
+                raise ValueError("--fork true is not allowed without --ckpt_path: a fork continues a checkpoint")
+            super()._parse_ckpt_path()
+            return
+        root = Path(_run_root(config))
+        path = resume_path(config.ckpt_path, root)
+        if path is None or not path.is_file():
+            if config.get("fork"):
+                raise ValueError(f"--fork true is not allowed: --ckpt_path {config.ckpt_path} names no checkpoint file")
+            super()._parse_ckpt_path()
+            return
+        given = config.model.as_dict()
+        saved = checkpoint_settings(path)
+        overrides = fork_overrides(settings_changes(given, saved), saved, bool(config.get("fork")), path, root)
+        super()._parse_ckpt_path()
+        for key, value in overrides.items():
+            self.config[subcommand].model[key] = value
+
     def _check_eval_checkpoint(self) -> None:
         """``validate``/``test`` evaluate a checkpoint, never freshly initialised weights: without ``--ckpt_path``
         they evaluate the run directory's own ``checkpoints/last.ckpt`` and say so in one line; with none there,
@@ -246,6 +271,13 @@ class DRIMLCLI(LightningCLI):
             type=str | None,
             default=None,
             help="also log to Weights & Biases under this project (needs `pip install wandb`)",
+        )
+        parser.add_argument(
+            "--fork",
+            type=bool,
+            default=False,
+            help="with --ckpt_path: continue the checkpoint's state as a new run (another --trainer.default_root_dir) "
+            "with changed loss settings (model.lambda_*, ...; docs/running.md, 'Forking a run')",
         )
         parser.add_argument(
             "--ddp_timeout",

@@ -98,6 +98,9 @@ class DRIML(pl.LightningModule):
             same update runs op by op, bitwise equal to ``false``.
         matmul_precision: float32 matrix products on a GPU: ``high`` lets them use TF32 tensor cores, as cuDNN's
             convolutions already do by default in PyTorch; ``highest`` keeps full float32 (no effect on the CPU).
+        critic_terms: InfoNCE terms whose critic heads are built even where their lambda is 0 (computed and logged
+            as ``train/nce_<term>``, weighted 0). Default: only the terms with a lambda != 0. ``fit --fork`` sets it
+            when a fork turns a term off, so the checkpoint's critic still loads (docs/running.md, "Forking a run").
         probe: on logging steps, also log ``probe/*``: each loss term's gradient norm over the encoder and its
             cosine with C51's, the Q-values' action gap and the greedy actions' distribution on the step's last
             minibatch (`driml_pl.learner.probe`). Measured apart from the update: the run trains bitwise alike.
@@ -134,6 +137,7 @@ class DRIML(pl.LightningModule):
         compile_mode: str = "auto",
         cuda_graphs: bool = False,
         matmul_precision: str = "high",
+        critic_terms: list[str] | None = None,
         probe: bool = False,
     ) -> None:
         super().__init__()
@@ -152,6 +156,10 @@ class DRIML(pl.LightningModule):
             raise ValueError(
                 f"model.matmul_precision={matmul_precision!r} is not allowed; valid: highest, high, medium"
             )
+        unknown = sorted(set(critic_terms or ()) - set(TERMS))
+        if unknown:
+            raise ValueError(f"model.critic_terms={list(critic_terms or ())} is not allowed: {', '.join(unknown)} is "
+                             f"not a term; valid: {', '.join(TERMS)}")  # fmt: skip
         self.save_hyperparameters()
         self.automatic_optimization = False  # the update is spelled out in `driml_pl.learner.update`
         self.lambdas = {t: float(getattr(self.hparams, f"lambda_{t}")) for t in TERMS}
@@ -168,7 +176,7 @@ class DRIML(pl.LightningModule):
         self.actor = copy.deepcopy(self.online).requires_grad_(False)
         enc = self.online.encoder
         self.critic = DIMCritic(
-            tuple(t for t, lam in self.lambdas.items() if lam != 0.0),
+            tuple(t for t, lam in self.lambdas.items() if lam != 0.0 or t in (critic_terms or ())),
             local_channels=enc.local_channels,
             global_dim=feature_dim,
             num_actions=NUM_ACTIONS,
