@@ -8,9 +8,12 @@ import math
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger
 from test_checkpoint import assert_same_run, fit, logged
-from test_graphs import _batches
+from test_graphs import _batches, _Minibatches
+from torch.utils.data import DataLoader
 
 from driml_pl.learner import DRIML
 from driml_pl.learner.objective import UpdateInputs, core_losses, q_values
@@ -77,7 +80,36 @@ def test_probe_action_statistics_are_the_greedy_histograms():
     assert values["probe/q_mean"].item() == pytest.approx(q.mean().item(), rel=1e-6)
 
 
+def _fit(tmp_path: Path, probe_on: bool) -> DRIML:
+    """Twelve updates on fixed minibatches, logged at every step (so the probe runs at every one)."""
+    pl.seed_everything(0)
+    model = DRIML(obs_size=(64, 64), feature_dim=64, rkhs_dim=32, lambda_gg=1.0, target_update_interval=3,
+                  probe=probe_on)  # fmt: skip
+    logger = CSVLogger(tmp_path, name=f"probe{probe_on}")
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=12, logger=logger, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         log_every_n_steps=1)  # fmt: skip
+    trainer.fit(model, DataLoader(_Minibatches(_batches(12, 16, "cpu")), batch_size=None, collate_fn=lambda b: b))
+    logger.save()
+    return model
+
+
+def test_the_probe_leaves_the_updates_bitwise_as_they_were(tmp_path: Path):
+    """In process: weights and Adam's state after 12 updates with the probe at every one equal those without."""
+    probed, plain = _fit(tmp_path, True), _fit(tmp_path, False)
+    for (name, a), b in zip(probed.state_dict().items(), plain.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    adam_a, adam_b = probed.optimizers().optimizer.state, plain.optimizers().optimizer.state
+    for p_a, p_b in zip(probed.parameters(), plain.parameters(), strict=True):
+        for key, value in adam_a[p_a].items():
+            assert torch.equal(value, adam_b[p_b][key]), key
+    with next(tmp_path.glob("probeTrue/version_0/metrics.csv")).open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("probe/grad_encoder_gg")]
+    assert len(rows) == 12
+
+
 @pytest.mark.slow
+@pytest.mark.full
 def test_a_run_with_the_probe_trains_bitwise_as_one_without(straight, tmp_path: Path):
     """test_checkpoint.py's tiny DRIML run with ``--model.probe true``: the same weights, Adam state and every train/
     and rollout/ value as the session's straight run, and the probe's columns on every logged step."""
