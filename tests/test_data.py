@@ -73,10 +73,13 @@ def test_budget_is_honoured_exactly_and_updates_follow_the_replay_ratio():
         assert i + 1 <= (b.stats.env_steps - 40) * 2.0 / 8 < i + 1 + 4 * 2.0 / 8 + 1e-9
 
 
-def test_stream_refuses_to_run_in_a_dataloader_worker():
+@pytest.mark.parametrize("start", ["fork", "forkserver"])  # forkserver: Python 3.14's default on Linux
+def test_stream_refuses_to_run_in_a_dataloader_worker(start):
+    """A fork worker finds itself in a worker and refuses; a forkserver (or spawn) worker would need the live envs
+    pickled, and the stream refuses to be pickled with the same message."""
     dm = tiny_datamodule()
-    loader = DataLoader(dm.stream, batch_size=None, num_workers=1)
-    with pytest.raises(RuntimeError, match="main process"):
+    loader = DataLoader(dm.stream, batch_size=None, num_workers=1, multiprocessing_context=start)
+    with pytest.raises(RuntimeError, match=r"ReplayStream must run in the main process .*num_workers=0\)"):
         next(iter(loader))
 
 

@@ -37,13 +37,16 @@ class EpsilonSchedule:
         return self.start + frac * (self.end - self.start)
 
 
+def main_process_only(name: str) -> str:
+    return f"{name} must run in the main process (it steps Procgen and owns the replay); use DataLoader(num_workers=0)"
+
+
 def refuse_worker(name: str) -> None:
     """Env stepping stays in the main process: a DataLoader worker would act on a stale copy of the replay, and
-    Procgen is not fork-safe."""
+    Procgen is not fork-safe. (A worker started by spawn or forkserver, Python 3.14's default, never gets this far:
+    the stream refuses to be pickled for it, `ReplayStream.__reduce__`.)"""
     if get_worker_info() is not None:
-        raise RuntimeError(
-            f"{name} must run in the main process (it steps Procgen and owns the replay); use DataLoader(num_workers=0)"
-        )
+        raise RuntimeError(main_process_only(name))
 
 
 def epsilon_greedy(

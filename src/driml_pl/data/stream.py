@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import IterableDataset
 
-from driml_pl.data.collect import Collector, EpsilonSchedule, refuse_worker
+from driml_pl.data.collect import Collector, EpsilonSchedule, main_process_only, refuse_worker
 from driml_pl.envs import NUM_ACTIONS
 from driml_pl.horizon import Horizon, continuation_probs, nhg_from_uniforms
 from driml_pl.remap import visible_mask
@@ -238,6 +238,11 @@ class ReplayStream(IterableDataset):
         window = self.effective[raw]
         k = nhg_from_uniforms(uniforms, continuation_probs(window, valid, matrix, self.visible))
         return k, window, valid
+
+    def __reduce__(self) -> Any:
+        """Never pickled: a DataLoader worker started by spawn or forkserver (Python 3.14's default on Linux) would
+        pickle the live envs; it is refused with the worker's own message instead of cffi's pickling error."""
+        raise RuntimeError(main_process_only(type(self).__name__))
 
     def __iter__(self) -> Iterator[StepBatch]:
         """One epoch: the steps up to the next multiple of ``updates_per_epoch`` updates (fewer after a resume in the
