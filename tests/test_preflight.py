@@ -81,6 +81,23 @@ def test_a_replay_bigger_than_free_memory_is_refused_in_one_line_before_anything
     assert not run.exists() and "Traceback" not in done.stderr
 
 
+def test_compile_on_a_cpu_without_a_cxx_compiler_is_refused_in_one_line(tmp_path, monkeypatch):
+    """A machine without g++ (CXX names a missing one): model.compile on the CPU is refused before anything is
+    written, instead of inductor's traceback in the first update; without compile the same machine runs."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    run = tmp_path / "run"
+    done = fit(run, "--model.compile", "true")
+    assert done.returncode == 2, done.stderr[-2000:]
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("driml_pl: error: model.compile=true is not allowed on this machine's CPU: ")
+    assert f"(tried {tmp_path / 'no-such-g++'}; CXX names another)" in line and "--model.compile false" in line
+    assert not run.exists()
+    plain = {"trainer": {"accelerator": "cpu"}, "model": {"compile": False}}
+    preflight.check_compiler(plain)  # no compile: nothing to check
+    gpu = {"trainer": {"accelerator": "gpu", "devices": 1}, "model": {"compile": True}}
+    preflight.check_compiler(gpu)  # inductor writes Triton kernels on a GPU: no host compiler needed
+
+
 def test_a_limit_the_test_sets_rlimit_as_is_what_the_refusal_names(tmp_path):
     limit = int(min(6 * GB, mem_available() / 2))  # an address-space limit well under the free memory
     size = limit // PER_TRANSITION // 16 * 16  # a replay of about the limit: over it with the process's own space

@@ -145,6 +145,7 @@ class DRIMLCLI(LightningCLI):
             return
         config = self.config["fit"]
         preflight.check_writable("trainer.default_root_dir", _run_root(config))
+        preflight.check_compiler(config.as_dict())  # model.compile on the CPU without a C++ compiler: one line
         env = config.data.env
         build = procgen_build.files(env.build)  # the original build's library and assets: fetched once, or one line
         from driml_pl.envs.procgen import load_library

@@ -323,6 +323,31 @@ def check_packed(
 
 
 # --------------------------------------------------------------------------------------------- the run directory
+def check_compiler(config: Mapping[str, Any]) -> None:
+    """``model.compile`` on the CPU needs a working C++ compiler (inductor builds C++ kernels there); without one the
+    run would die in its first update with inductor's traceback, after the envs and the replay were built. On a GPU
+    inductor writes Triton kernels and needs none. One line (`PreflightError`) naming the setting and the fix."""
+    trainer, model = config.get("trainer") or {}, config.get("model") or {}
+    if not model.get("compile"):
+        return
+    devices = _devices(trainer.get("devices", "auto"), str(trainer.get("accelerator", "auto")))
+    if any(d is not None for d in devices):
+        return
+    from torch._inductor import config as inductor
+    from torch._inductor import exc
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        get_cpp_compiler()
+    except exc.InvalidCxxCompiler:
+        tried = ", ".join(str(c) for c in inductor.cpp.cxx if c)
+        raise PreflightError(
+            "model.compile=true is not allowed on this machine's CPU: torch.compile builds C++ kernels there and no "
+            f"working C++ compiler was found (tried {tried}; CXX names another); install one (Debian/Ubuntu: apt "
+            "install g++) or set --model.compile false"
+        ) from None
+
+
 def check_writable(key: str, path: str | Path) -> None:
     """Refuse a run directory that cannot be written (a read-only mount, no permission): one line naming the path.
     The directory itself need not exist yet: its nearest existing ancestor is checked, and any of its own existing
