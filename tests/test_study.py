@@ -3,6 +3,10 @@ cells differ in the method alone."""
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -54,3 +58,37 @@ def test_a_study_config_is_the_quickstart_but_for_its_method(method):
     assert study["trainer.default_root_dir"] == f"runs/study/{method}"
     for key in ("model.lambda_ll", "model.lambda_lg", "model.lambda_gl"):
         assert study[key] == 0.0
+
+
+STUDY = CONF.parent / "docs" / "study"
+
+
+def test_the_committed_study_data_rebuild_its_report_byte_for_byte(tmp_path):
+    """docs/study/runs holds what `report` reads of every study run; the report made from it (docs/results.md's
+    numbers) comes out again byte for byte: the bootstrap is seeded, so a clean clone rebuilds every number."""
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "-m", "driml_pl", "report", "docs/study/runs", "--out", str(out)],
+                          cwd=CONF.parent, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("report.md", "intervals.json"):
+        assert (out / name).read_text() == (STUDY / "report" / name).read_text(), name
+
+
+def _logged(run: Path) -> list[dict[str, str]]:
+    with next(run.glob("logs/version_0/metrics.csv")).open() as f:
+        keys = ("train/", "rollout/episode", "rollout/env_steps")
+        return [{k: v for k, v in r.items() if k.startswith(keys)} for r in csv.DictReader(f) if r.get("train/loss")]
+
+
+def test_part1_the_recorded_rerun_evidence_says_what_results_md_says():
+    """docs/results.md, part 1: ed691bb (the commit that ran the recorded C51 seed 1 on 2026-12-01) and 038064e logged
+    the same C51 seed-1 run value for value on 2026-12-07's machine; the same code computing as an AVX2 CPU did not."""
+    part1 = STUDY / "part1"
+    old, new = (_logged(part1 / f"avx512-{c}" / "c51" / "fruitbot" / "seed1") for c in ("ed691bb", "038064e"))
+    avx2 = _logged(part1 / "as-avx2-a0c90d2" / "c51" / "fruitbot" / "seed1")
+    assert len(old) == len(new) == len(avx2) == 238
+    assert old == new
+    same = ("rollout/episode_return", "train/c51_loss")
+    assert [[r[k] for k in same] for r in avx2[:2]] == [[r[k] for k in same] for r in old[:2]]  # the first 100 updates
+    assert avx2[0]["train/q_mean"] != old[0]["train/q_mean"]  # but the floats are already apart in the last digits
+    assert avx2[-1]["rollout/episode_return"] != old[-1]["rollout/episode_return"]  # and the runs end apart
