@@ -21,12 +21,17 @@ def test_settings_changes_compare_values_not_containers():
     given = {"lambda_gg": 1.0, "lambda_ll": 0.0, "feature_dim": 64, "obs_size": [64, 64], "probe": True}
     assert settings_changes(given, SAVED) == {}  # a tuple saved, a list parsed; probe is newer than the checkpoint
     assert settings_changes({**given, "lambda_gg": 0.0}, SAVED) == {"lambda_gg": (1.0, 0.0)}
+    forked = {**SAVED, "lambda_gg": 0.0, "critic_terms": ["gg"]}
+    assert settings_changes({**given, "lambda_gg": 0.0, "critic_terms": None}, forked) == {}  # a fork resumes as itself
 
 
 def test_what_a_resume_and_a_fork_may_change(tmp_path):
     ckpt = tmp_path / "src" / "checkpoints" / "last.ckpt"
     new = tmp_path / "new"
     assert fork_overrides({}, SAVED, False, ckpt, new) == {}
+    # how the run computes follows the config on any resume (a machine without a compiler, CUDA graphs on a GPU)
+    assert fork_overrides({"cuda_graphs": (False, True)}, SAVED, False, ckpt, new) == {"cuda_graphs": True}
+    assert fork_overrides({}, {**SAVED, "critic_terms": ["gg"]}, False, ckpt, new) == {"critic_terms": ["gg"]}
     with pytest.raises(ValueError, match=r"^model.lambda_gg=0.0 is not allowed with --ckpt_path .*add --fork true"):
         fork_overrides({"lambda_gg": (1.0, 0.0)}, SAVED, False, ckpt, new)
     assert fork_overrides({"lambda_gg": (1.0, 0.0)}, SAVED, True, ckpt, new) == {"lambda_gg": 0.0,
