@@ -22,7 +22,7 @@ def _run(root: Path, mode: str, versions: list[list[dict[str, float]]], lambdas=
     config = _config(mode=mode, lambdas=lambdas)
     config["data"]["env"]["game"] = "fruitbot"
     config["data"]["total_env_steps"] = 1000
-    columns = ["step", "rollout/env_steps", "rollout/episode_return", "probe/q_mean", *K_KEYS]
+    columns = ["step", "rollout/env_steps", "rollout/episode_return", "probe/q_mean", "probe/grad_encoder_c51", *K_KEYS]
     for v, rows in enumerate(versions):
         version = root / "logs" / f"version_{v}"
         version.mkdir(parents=True)
@@ -95,3 +95,13 @@ def test_the_report_draws_horizons_and_probes_only_where_logged(tmp_path):
     assert main([str(runs / "c51-s0"), "--out", str(only_c51), "--reps", "200"]) == 0
     assert not (only_c51 / "horizons_fruitbot.png").exists() and not (only_c51 / "probes_fruitbot.png").exists()
     assert "DRIML-ada's horizons" not in (only_c51 / "report.md").read_text()
+
+
+def test_the_probe_table_gives_each_halfs_median(tmp_path):
+    rows = [{"x": 100.0 * i, "rollout/episode_return": 1.0, "probe/q_mean": 0.0, "probe/grad_encoder_c51": float(i)}
+            for i in range(1, 11)]  # fmt: skip
+    run = load_run(_run(tmp_path / "c51", "fixed", [rows], lambdas=(0.0, 0.0, 0.0, 0.0)))
+    [line] = [x for x in diag.probe_table([run]) if x.startswith(f"| {run.path} ")]
+    # halves of 1,000 env steps: 100-400 (median of 1-4: 2.5) and 500-1000 (median of 5-10: 7.5); nothing else logged
+    assert line == f"| {run.path} | C51 | 0 | 1.000 | 2.50 / 7.50 | — | — | — | — |"
+    assert diag.probe_table([load_run(_run(tmp_path / "plain", "fixed", [[{"x": 100.0}]]))]) == []

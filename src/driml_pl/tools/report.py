@@ -184,7 +184,7 @@ def write_report(
     title, _, rest = _markdown(runs, unfinished).partition("\n\n")
     table = "\n\n".join([title, *_headlines(unfinished, up_to), rest])
     head, sep, tail = table.partition("\n## Missing data")
-    section = [*section, *diag.horizon_table(runs)]
+    section = [*section, *diag.horizon_table(runs), *diag.probe_table(runs)]
     written = [out / "report.md", out / "intervals.json"]
     written[0].write_text(head + "\n".join(section) + "\n" + sep + tail, encoding="utf-8")
     left = [{"path": str(r.path), "game": r.game, "method": r.method, "seed": r.seed, "env_steps": r.max_env_steps,

@@ -182,6 +182,38 @@ def probe_runs(runs: Sequence[Run]) -> list[Run]:
     return [r for r in runs if series(r, ["probe/q_mean"])]
 
 
+def probe_table(runs: Sequence[Run]) -> list[str]:
+    """The report's "Probes" section (markdown lines), empty without probed runs: per run, the median of each probe
+    over the first and the second half of the env steps it reached."""
+    probed = probe_runs(runs)
+    if not probed:
+        return []
+    cols = [("probe/grad_encoder_c51", "grad norm C51", 2), ("probe/grad_encoder_gg", "grad norm InfoNCE GG", 2),
+            ("probe/grad_cos_c51_gg", "cos", 3), ("probe/action_gap", "action gap", 3),
+            ("probe/greedy_entropy", "greedy entropy", 2)]  # fmt: skip
+    lines = [
+        "", "## Probes (`model.probe`)", "",
+        "Per run, the median of each probe over the first / the second half of the env steps it reached: the encoder's "
+        "gradient norm from C51 and from lambda * InfoNCE GG, their cosine, the action gap and the greedy actions' "
+        "entropy (nats; log 15 = 2.71 is uniform). docs/running.md defines them.", "",
+        "| run | method | seed | final score | " + " | ".join(c[1] for c in cols) + " |",
+        "|---" * (4 + len(cols)) + "|",
+    ]  # fmt: skip
+    for r in probed:
+        s = series(r, [c[0] for c in cols])
+        half = r.max_env_steps / 2
+        cells = []
+        for key, _, digits in cols:
+            if key not in s:
+                cells.append("—")
+                continue
+            x, y = s[key]
+            a, b = np.median(y[x < half]) if (x < half).any() else math.nan, np.median(y[x >= half])
+            cells.append(f"{a:.{digits}f} / {b:.{digits}f}")
+        lines.append(f"| {r.path} | {r.method} | {r.seed} | {r.final_score:.3f} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def plot_probes(game: str, runs: Sequence[Run], path: Path) -> Path:
     """A column per method, a row per probe; each run a line coloured by its final score (one scale for all)."""
     methods = [m for m in METHODS if any(r.method == m for r in runs)]
