@@ -39,7 +39,7 @@ NUM_ENVS, RAND_SEED, SHORT, LONG = 4, 1234, 250, 1000
 
 
 class Stepper:
-    """What `hash_run` needs of an env: ``act``, ``observe_step`` and the states (a `driml_pl.types.VecEnv` has these)."""
+    """What `hash_run` needs of an env: ``act``, ``observe_step`` and the states (as a `driml_pl.types.VecEnv`)."""
 
     def act(self, actions: np.ndarray) -> None: ...
     def observe_step(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
