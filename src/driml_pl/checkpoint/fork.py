@@ -58,9 +58,6 @@ def fork_overrides(
     (and the checkpoint's ``critic_terms``); with ``fork``, every changed one and ``critic_terms``. Raises ValueError
     (one line) for a method change without ``fork``, a change a fork cannot make, or a fork into the checkpoint's own
     run directory."""
-    runtime = {k: new for k, (_, new) in changes.items() if k in RUNTIME}
-    if saved.get("critic_terms"):
-        runtime["critic_terms"] = list(saved["critic_terms"])  # `--ckpt_path last` gets no merge from Lightning
     if not fork:
         method = {k: v for k, v in changes.items() if k not in RUNTIME}
         if method:
@@ -71,6 +68,9 @@ def fork_overrides(
                 "and a resume continues that run; add --fork true to continue its state as a new run with the changed "
                 "settings (in another --trainer.default_root_dir)"
             )
+        runtime = {k: new for k, (_, new) in changes.items()}  # only RUNTIME keys are left
+        if saved.get("critic_terms"):
+            runtime["critic_terms"] = list(saved["critic_terms"])  # `--ckpt_path last` gets no merge from Lightning
         return runtime
     if _inside(ckpt_path.resolve(), root.resolve()):
         raise ValueError(

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from driml_pl.critic import TERMS
 from driml_pl.learner.objective import UpdateInputs, core_losses, q_values
 from driml_pl.networks import preprocess
 
@@ -83,7 +84,5 @@ def _serves(name: str, term: str) -> bool:
 
     The critic keys its heads by term (``anchor_heads.<term>...``, ``positive_heads.<term>...``); a parameter with no
     term in its name is shared by all of them."""
-    parts = name.split(".")
-    terms = {"ll", "lg", "gl", "gg"}
-    named = [p for p in parts if p in terms]
+    named = [p for p in name.split(".") if p in TERMS]
     return not named or term in named
