@@ -80,15 +80,26 @@ def test_every_file_of_the_study_is_committed_not_ignored():
     assert untracked == [], f"study files not committed: {untracked[:5]} ({len(untracked)} in all)"
 
 
-def test_the_committed_study_data_rebuild_its_report_byte_for_byte(tmp_path):
-    """docs/study/runs holds what `report` reads of every study run; the report made from it (docs/results.md's
-    numbers) comes out again byte for byte: the bootstrap is seeded, so a clean clone rebuilds every number."""
+REPORTS = {  # each committed report: the committed run folders (globs, as the shell expands them) it is made from
+    "report": ["runs"],  # part 2: the four methods, seeds 0-4
+    "part3/report-c51x10": ["runs", "part3/c51"],  # part 3: the same with C51's ten seeds
+    "part3/forks-report": ["part3/forks/*/nce*"],  # part 3: stalled seeds continued with lambda_gg 0 and 1
+}
+
+
+@pytest.mark.parametrize("report", list(REPORTS))
+def test_the_committed_study_data_rebuild_its_report_byte_for_byte(tmp_path, report):
+    """docs/study holds what `report` reads of every study run; each report made from it (docs/results.md's numbers)
+    comes out again byte for byte: the bootstrap is seeded, so a clean clone rebuilds every number."""
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "-m", "driml_pl", "report", "docs/study/runs", "--out", str(out)],
-                          cwd=CONF.parent, capture_output=True, text=True, timeout=600)  # fmt: skip
+    root = CONF.parent
+    dirs = [str(p.relative_to(root)) for pattern in REPORTS[report] for p in sorted(root.glob(f"docs/study/{pattern}"))]
+    assert dirs, REPORTS[report]
+    done = subprocess.run([sys.executable, "-m", "driml_pl", "report", *dirs, "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     for name in ("report.md", "intervals.json"):
-        assert (out / name).read_text() == (STUDY / "report" / name).read_text(), name
+        assert (out / name).read_text() == (STUDY / report / name).read_text(), name
 
 
 def _logged(run: Path) -> list[dict[str, str]]:
